@@ -1,0 +1,174 @@
+"""`mdpo-fast` command line: train, demo, tiny-model, demo-data."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+USAGE = """usage: mdpo-fast COMMAND [flags]
+
+commands:
+  train        train a model: mdpo-fast train --model_name_or_path DIR --dataset data.jsonl --output_dir out
+               [--config run.yaml] [any MDPOConfig / TrainingArguments flag]
+  demo         train the tiny built-in model on synthetic data on CPU (accepts the same flags)
+  tiny-model   mdpo-fast tiny-model DIR: write the tiny LLaVA-architecture model and its processor
+  demo-data    mdpo-fast demo-data DIR [N]: write the synthetic set as DIR/train.jsonl + DIR/images/
+"""
+
+# The demo's defaults; any flag given on the command line overrides them.
+DEMO_DEFAULTS = {
+    "output_dir": "mdpo-demo",
+    "max_steps": 300,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 2e-3,
+    "lr_scheduler_type": "constant",
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "logging_steps": 25,
+    "save_steps": 100,
+    "save_total_limit": 1,
+    "max_length": 128,
+    "use_cpu": True,
+}
+
+
+def _yaml_to_flags(path: str) -> list[str]:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of field: value")
+    flags = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        flags.append(f"--{key}")
+        items = value if isinstance(value, list) else [value]
+        flags += [str(v).lower() if isinstance(v, bool) else str(v) for v in items]
+    return flags
+
+
+def _defaults_to_flags(defaults: dict) -> list[str]:
+    return [s for k, v in defaults.items() for s in (f"--{k}", str(v))]
+
+
+def parse_config(argv: list[str], defaults: dict | None = None):
+    """`MDPOConfig` from defaults, then `--config run.yaml`, then flags (later ones win)."""
+    from transformers import HfArgumentParser
+
+    from mdpo_fast.config import MDPOConfig
+
+    argv = list(argv)
+    yaml_flags = []
+    if "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file path")
+        yaml_flags = _yaml_to_flags(argv[at + 1])
+        del argv[at : at + 2]
+    flags = _defaults_to_flags(defaults or {}) + yaml_flags + argv
+    parser = HfArgumentParser(MDPOConfig, prog="mdpo-fast")
+    (config,) = parser.parse_args_into_dataclasses(args=flags)
+    return config
+
+
+def _resume_arg(value):
+    if value is None or str(value).lower() in ("", "false", "none"):
+        return None
+    return True if str(value).lower() in ("true", "latest") else value
+
+
+def run_training(args, model=None, processor=None, records=None, source=None):
+    """Validate the data, load the model, train, save. Returns the trainer."""
+    from mdpo_fast.data import prepare_dataset
+    from mdpo_fast.modeling import load_model_and_processor, prepare_model
+    from mdpo_fast.trainer import MDPOTrainer
+
+    if processor is None:
+        from transformers import AutoProcessor
+
+        if args.model_name_or_path is None:
+            raise ValueError("no model given: pass --model_name_or_path DIR_OR_HUB_ID")
+        processor = AutoProcessor.from_pretrained(args.model_name_or_path)
+    # Data first: a bad record stops the run before the model is loaded or a GPU is touched.
+    dataset = prepare_dataset(args, processor, records=records, source=source)
+    if model is None:
+        (model, reference), processor = load_model_and_processor(args)
+    else:
+        model, reference = prepare_model(model, args)
+    trainer = MDPOTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=processor, reference_model=reference
+    )
+    trainer.train(resume_from_checkpoint=_resume_arg(args.resume_from_checkpoint))
+    trainer.save_model()
+    trainer.save_state()
+    return trainer
+
+
+def run_demo(argv: list[str]):
+    from mdpo_fast.demo_data import demo_records
+    from mdpo_fast.tiny import build_tiny_model
+
+    args = parse_config(argv, DEMO_DEFAULTS)
+    model = processor = records = None
+    if args.model_name_or_path is None:
+        model, processor = build_tiny_model(seed=args.seed)
+    if args.dataset is None:
+        records = demo_records(n=256, seed=args.seed)
+    trainer = run_training(args, model, processor, records, source="demo data" if records else None)
+    print(summary(trainer.state.log_history, args.output_dir))
+    return trainer
+
+
+def summary(log_history: list[dict], output_dir: str) -> str:
+    logs = [entry for entry in log_history if "rewards/accuracies" in entry]
+    if not logs:
+        return f"done; outputs in {output_dir}"
+    first, last = logs[0], logs[-1]
+    lines = [f"mdpo-fast demo: {last['step']} steps"]
+    for name in ("loss", "rewards/accuracies", "rewards/imageless_accuracies", "rewards/margins"):
+        start, end = f"{first[name]:8.4f} (step {first['step']})", f"{last[name]:8.4f} (step {last['step']})"
+        lines.append(f"  {name:30s} {start} -> {end}")
+    lines.append(f"  outputs (adapters, processor, checkpoints, trainer_state.json) in {Path(output_dir).resolve()}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    from mdpo_fast.records import DataError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if command == "train":
+            run_training(parse_config(rest))
+        elif command == "demo":
+            run_demo(rest)
+        elif command == "tiny-model" and len(rest) == 1:
+            from mdpo_fast.tiny import write_tiny_model
+
+            print(f"tiny model written to {write_tiny_model(rest[0])}")
+        elif command == "demo-data" and len(rest) in (1, 2):
+            from mdpo_fast.demo_data import write_demo_data
+
+            print(f"demo data written to {write_demo_data(rest[0], *(int(x) for x in rest[1:]))}")
+        else:
+            print(USAGE, file=sys.stderr)
+            return 2
+    except DataError as e:
+        for problem in e.problems:
+            print(f"mdpo-fast: error: {problem}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"mdpo-fast: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

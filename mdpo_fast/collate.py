@@ -1,0 +1,47 @@
+"""Layer 3 (plain path): the three branches of a batch as right-padded rows, branch-major.
+
+Rows `0..B-1` are chosen `(m, x, y_w)`, `B..2B-1` rejected `(m, x, y_l)`, `2B..3B-1` corrupted
+`(m', x, y_w)`. This simple layout is what the packed layout is tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mdpo_fast.loss import CORRUPTED, NUM_BRANCHES, REJECTED
+
+IGNORE_INDEX = -100
+
+
+def concat_image_inputs(image_inputs: list[dict]) -> dict:
+    """Concatenate per-image processor outputs (pixel_values, image_grid_thw, ...) in the given order."""
+    return {key: torch.cat([x[key] for x in image_inputs]) for key in image_inputs[0]}
+
+
+class PaddedCollator:
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        rows, images = [], []
+        for branch in range(NUM_BRANCHES):
+            for item in items:
+                ex = item["example"]
+                rows.append((ex.prompt_ids, ex.rejected_ids if branch == REJECTED else ex.chosen_ids))
+                images.append(item["corrupted_image" if branch == CORRUPTED else "image"])
+        width = max(len(p) + len(a) for p, a in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for r, (prompt, answer) in enumerate(rows):
+            n = len(prompt) + len(answer)
+            input_ids[r, :n] = torch.tensor(prompt + answer)
+            attention_mask[r, :n] = 1
+            labels[r, len(prompt):n] = torch.tensor(answer)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,  # answer tokens at their own positions; shifted where log-probs are taken
+            "example_index": torch.tensor([item["example"].index for item in items]),
+            **concat_image_inputs(images),
+        }

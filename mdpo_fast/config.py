@@ -1,0 +1,80 @@
+"""Layer 6: one configuration dataclass for training, read from flags and YAML by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from mdpo_fast.corruption import AREA, RATIO
+from mdpo_fast.loss import check_loss_options
+
+
+@dataclass
+class MDPOConfig(TrainingArguments):
+    """`transformers.TrainingArguments` plus the mDPO objective, data and LoRA settings."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Local directory or hub id of an AutoModelForImageTextToText model."}
+    )
+    model_dtype: str = field(
+        default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16."}
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "Attention backend: sdpa or eager."})
+    dataset: str | None = field(
+        default=None, metadata={"help": "A .json / .jsonl file, a dataset saved with save_to_disk, or a hub id."}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on (Hugging Face datasets)."})
+    image_root: str | None = field(default=None, metadata={"help": "Directory that relative image paths are under."})
+    skip_bad_records: bool = field(
+        default=False, metadata={"help": "Drop and count invalid records instead of stopping before training."}
+    )
+    max_length: int = field(
+        default=2048,
+        metadata={"help": "Prompt (with image tokens) + answer tokens. Answers are truncated to fit; a prompt "
+                  "that does not fit is an error, never cut."},
+    )
+    beta: float = field(default=0.1, metadata={"help": "Reward scale: r = beta * (logp_policy - logp_reference)."})
+    anchor: float = field(default=0.0, metadata={"help": "The chosen reward is anchored above this value."})
+    loss_weights: list[float] = field(
+        default_factory=lambda: [1.0, 1.0, 1.0],
+        metadata={"help": "Weights of (DPO, image-conditional, anchor) terms; 1 0 0 is plain DPO."},
+    )
+    corruption_area: list[float] = field(
+        default_factory=lambda: list(AREA), metadata={"help": "Range of the image area the corrupting crop keeps."}
+    )
+    corruption_ratio: list[float] = field(
+        default_factory=lambda: list(RATIO), metadata={"help": "Range of the crop's aspect ratio (log-uniform)."}
+    )
+    corruption_seed: int | None = field(
+        default=None, metadata={"help": "Seed of the corrupted images; defaults to --seed."}
+    )
+    use_lora: bool = field(
+        default=True,
+        metadata={"help": "LoRA on every linear layer of the language model, reference = adapters off. "
+                  "false: full fine-tuning of the language model with a frozen reference copy (2x weights)."},
+    )
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=128, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "LoRA dropout; above 0 the policy differs from the reference at step 0."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept false: the collator needs the whole example."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.loss_weights = list(check_loss_options(self.beta, self.loss_weights))
+        for name in ("corruption_area", "corruption_ratio"):
+            value = getattr(self, name)
+            if len(value) != 2 or not 0 < value[0] <= value[1]:
+                raise ValueError(f"{name} must be two numbers 0 < low <= high, got {value}")
+        if self.corruption_area[1] > 1:
+            raise ValueError(f"corruption_area must lie in (0, 1], got {self.corruption_area}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        if self.model_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"model_dtype must be auto, float32, bfloat16 or float16, got {self.model_dtype!r}")
+        if self.corruption_seed is None:
+            self.corruption_seed = self.seed

@@ -1,0 +1,37 @@
+"""Records -> validated, tokenized examples -> dataset, with every problem reported before training."""
+
+from __future__ import annotations
+
+import logging
+
+from mdpo_fast.examples import PreferenceDataset, build_examples
+from mdpo_fast.records import DataError, Record, load_records
+
+logger = logging.getLogger("mdpo_fast")
+
+
+def prepare_dataset(args, processor, records: list[Record] | None = None, source: str | None = None):
+    """Validate and tokenize `args.dataset` (or the given records) into a `PreferenceDataset`.
+
+    Raises `DataError` listing every bad record, unless `args.skip_bad_records`, which drops and counts them.
+    """
+    source = source or str(args.dataset)
+    problems: list[str] = []
+    if records is None:
+        if args.dataset is None:
+            raise DataError(["no dataset given: pass --dataset FILE_OR_DIR"])
+        records, problems = load_records(args.dataset, image_root=args.image_root, split=args.dataset_split)
+    examples, bad, n_truncated = build_examples(records, processor, max_length=args.max_length, source=source)
+    problems += bad
+    if problems and not args.skip_bad_records:
+        raise DataError(problems)
+    if problems:
+        logger.warning("skipped %d bad records (skip_bad_records):\n  %s", len(problems), "\n  ".join(problems))
+    if n_truncated:
+        logger.warning("%d examples had an answer truncated to max_length=%d", n_truncated, args.max_length)
+    dataset = PreferenceDataset(
+        examples, processor.image_processor, seed=args.corruption_seed,
+        area=args.corruption_area, ratio=args.corruption_ratio,
+    )
+    dataset.num_skipped = len(problems)
+    return dataset

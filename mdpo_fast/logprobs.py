@@ -1,0 +1,93 @@
+"""Public per-token log-prob functions, with argument checks that name what is wrong."""
+
+from __future__ import annotations
+
+import torch
+
+from mdpo_fast.chunked import linear_token_logprobs_chunked
+from mdpo_fast.naive import token_logprobs_naive
+
+
+def _check_labels(labels, n: int, vocab_size: int, ignore_index: int) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
+        raise ValueError(f"labels must be a 1-D integer tensor, got {_describe(labels)}")
+    if labels.shape[0] != n:
+        raise ValueError(f"labels has {labels.shape[0]} entries but the inputs have {n} rows")
+    valid = labels[labels != ignore_index]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab_size):
+        raise ValueError(
+            f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+            f"got values in [{int(valid.min())}, {int(valid.max())}]"
+        )
+
+
+def _check_matrix(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"{name} must be a 2-D floating-point tensor, got {_describe(x)}")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
+    return type(x).__name__
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Per-token `log softmax(logits)[label]` in fp32, 0 where `labels == ignore_index`.
+
+    Args:
+        logits: `[N, V]` floating point.
+        labels: `[N]` integer token ids.
+
+    Returns:
+        `[N]` float32.
+    """
+    _check_matrix("logits", logits)
+    _check_labels(labels, logits.shape[0], logits.shape[1], ignore_index)
+    if labels.device != logits.device:
+        raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
+    return token_logprobs_naive(logits, labels, ignore_index)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token log-probs of `labels` under `hidden @ weight.T (+ bias)`, never holding `[N, V]` logits.
+
+    Args:
+        hidden: `[N, H]` last hidden states of the tokens that predict `labels` (packed: all sequences
+            back to back).
+        weight: `[V, H]` LM-head weight. Cast to `hidden.dtype` for the matmul; logits in fp32.
+        labels: `[N]` next-token ids, `ignore_index` where no log-prob is wanted (costs no work).
+        bias: optional `[V]` LM-head bias.
+
+    Returns:
+        `[N]` float32 log-probs, 0 where ignored; differentiable in `hidden`, `weight` and `bias`.
+
+    Example:
+        >>> h, w = torch.randn(5, 8), torch.randn(11, 8)
+        >>> linear_token_logprobs(h, w, torch.tensor([1, 2, -100, 4, 0])).shape
+        torch.Size([5])
+    """
+    _check_matrix("hidden", hidden)
+    _check_matrix("weight", weight)
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be [V, {hidden.shape[1]}] to match hidden, got {tuple(weight.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"bias must be a [{weight.shape[0]}] tensor, got {_describe(bias)}")
+    _check_labels(labels, hidden.shape[0], weight.shape[0], ignore_index)
+    for name, x in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
+    return linear_token_logprobs_chunked(hidden, weight, labels, ignore_index, bias)
+
+
+def segment_logps(token_logps: torch.Tensor, segment_ids: torch.Tensor, num_examples: int) -> torch.Tensor:
+    """Sum per-token log-probs into `[B, 3]` by `segment_ids = 3 * example + branch` (-1: no segment)."""
+    keep = segment_ids >= 0
+    sums = token_logps.new_zeros(num_examples * 3).index_add(0, segment_ids[keep], token_logps[keep])
+    return sums.view(num_examples, 3)

@@ -1,0 +1,24 @@
+"""Plain full-logits PyTorch references: simple and exact, imported by tests and benchmarks."""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs_naive(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """`log softmax(logits)[label]` per row in fp32, 0 where `labels == ignore_index`. `[N, V], [N] -> [N]`."""
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(1, safe[:, None]).squeeze(1)
+    return torch.where(valid, logp, 0.0)
+
+
+def linear_token_logprobs_naive(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, bias=None
+) -> torch.Tensor:
+    """The same from hidden states: `[N, V]` logits in the input dtype, then fp32 log-softmax."""
+    logits = hidden @ weight.to(hidden.dtype).T
+    if bias is not None:
+        logits = logits + bias.to(hidden.dtype)
+    return token_logprobs_naive(logits, labels, ignore_index)
+

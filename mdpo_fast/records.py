@@ -1,0 +1,232 @@
+"""Layer 1: preference records from JSON / JSONL files or Hugging Face datasets, validated into one type.
+
+Formats (DESIGN.md): mDPO `img_path, prompt, chosen, rejected`; TRL `images, prompt, chosen,
+rejected` (plain strings or conversational messages); RLAIF-V `image, question, chosen, rejected`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_TOKEN = "<image>"
+
+
+class DataError(ValueError):
+    """Bad input data; `problems` holds one line per bad record, each naming the source and record index."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One preference pair. `prompt` is a list of chat messages whose user turn holds one image."""
+
+    index: int  # position in the source, stable across skips: the corruption is keyed on it
+    image: Any  # path, bytes or PIL image; decoded only when needed
+    prompt: tuple
+    chosen: str
+    rejected: str
+
+
+def load_image(ref: Any) -> Image.Image:
+    """Decode an image reference fully (truncated files fail here, not mid-training) as RGB."""
+    if isinstance(ref, Image.Image):
+        image = ref
+    elif isinstance(ref, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(ref))
+    else:
+        image = Image.open(ref)
+    image.load()
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"image has no pixels ({image.width}x{image.height})")
+    return image.convert("RGB")
+
+
+def _image_ref(value: Any, image_root: Path | None) -> Any:
+    if isinstance(value, (list, tuple)):  # TRL keeps a list of images
+        if len(value) != 1:
+            raise ValueError(f"expected exactly one image, got {len(value)}")
+        value = value[0]
+    if isinstance(value, dict):  # datasets' Image feature without decoding: {"bytes", "path"}
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("image path is empty")
+        path = Path(value)
+        if image_root is not None and not path.is_absolute():
+            path = image_root / path
+        if not path.is_file():
+            raise ValueError(f"image file not found: {path}")
+        return str(path)
+    if isinstance(value, (bytes, bytearray, Image.Image)):
+        return value
+    raise ValueError(f"image must be a path, bytes or PIL image, got {type(value).__name__}")
+
+
+def _text(value: Any, field: str) -> str:
+    """A plain string, or the text of chat message(s) (TRL's conversational answers)."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        parts = []
+        for message in value:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts.extend(c.get("text") or "" for c in content if isinstance(c, dict) and c.get("type") == "text")
+            else:
+                raise ValueError(f"{field}: messages must have a 'content' string or list")
+        value = "".join(parts)
+    if not isinstance(value, str):
+        raise ValueError(f"{field} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{field} is empty")
+    return value
+
+
+def _prompt_messages(value: Any) -> tuple:
+    """Chat messages with one image placeholder, first in the first user turn unless already placed."""
+    if isinstance(value, str):
+        text = value.replace(IMAGE_TOKEN, "").strip()
+        if not text:
+            raise ValueError("prompt is empty")
+        return ({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]},)
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) and "role" in m for m in value):
+        raise ValueError(f"prompt must be a string or a list of chat messages, got {type(value).__name__}")
+    messages = []
+    for m in value:
+        content = m.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list):
+            raise ValueError("prompt: message content must be a string or a list")
+        messages.append({"role": m["role"], "content": list(content)})
+    n_images = sum(c.get("type") == "image" for m in messages for c in m["content"] if isinstance(c, dict))
+    if n_images > 1:
+        raise ValueError(f"prompt has {n_images} image placeholders; one image per record is supported")
+    if not any(c.get("text", "").strip() for m in messages for c in m["content"] if isinstance(c, dict)):
+        raise ValueError("prompt is empty")
+    if n_images == 0:
+        user = next((m for m in messages if m["role"] == "user"), None)
+        if user is None:
+            raise ValueError("prompt has no user message to hold the image")
+        user["content"].insert(0, {"type": "image"})
+    return tuple(messages)
+
+
+# (image field, prompt field) of each known format; chosen / rejected are shared.
+_FORMATS = (("img_path", "prompt"), ("images", "prompt"), ("image", "question"), ("image", "prompt"))
+
+
+def parse_record(row: Any, index: int, image_root: Path | None = None) -> Record:
+    """One raw row into a `Record`; raises ValueError saying which field is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(f"record must be an object, got {type(row).__name__}")
+    fmt = next((f for f in _FORMATS if f[0] in row and f[1] in row), None)
+    if fmt is None:
+        missing = [k for k in ("image", "prompt", "chosen", "rejected") if k not in row]
+        raise ValueError(
+            f"unknown record format (fields {sorted(row)}); expected img_path/prompt, images/prompt "
+            f"or image/question with chosen and rejected; missing {missing}"
+        )
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise ValueError(f"missing field '{key}'")
+    image_field, prompt_field = fmt
+    if row[image_field] is None:
+        raise ValueError(f"missing image ('{image_field}' is null)")
+    return Record(
+        index=index,
+        image=_image_ref(row[image_field], image_root),
+        prompt=_prompt_messages(row[prompt_field]),
+        chosen=_text(row["chosen"], "chosen"),
+        rejected=_text(row["rejected"], "rejected"),
+    )
+
+
+def read_rows(source: str | Path, split: str = "train"):
+    """Rows of a .json / .jsonl file, a dataset saved with `save_to_disk`, or a hub dataset id."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield ValueError(f"line {lineno} is not valid JSON: {e.msg}")
+        return
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError([f"{source}: not valid JSON ({e.msg}, line {e.lineno})"]) from None
+        if not isinstance(data, list):
+            raise DataError([f"{source}: expected a JSON list of records, got {type(data).__name__}"])
+        yield from data
+        return
+    yield from _read_hf_dataset(source, split)
+
+
+def _read_hf_dataset(source: str | Path, split: str):
+    import datasets
+
+    path = Path(source)
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(str(path))
+    elif path.exists() or "/" in str(source):
+        ds = datasets.load_dataset(str(source), split=split)
+    else:
+        raise DataError([f"{source}: no such file or directory"])
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[split]
+    for column in ("image", "images"):  # keep images compressed; decode one at a time when used
+        feature = ds.features.get(column)
+        if isinstance(feature, datasets.Image):
+            ds = ds.cast_column(column, datasets.Image(decode=False))
+        elif isinstance(getattr(feature, "feature", None), datasets.Image):
+            ds = ds.cast_column(column, datasets.List(datasets.Image(decode=False)))
+    yield from ds
+
+
+def load_records(
+    source: str | Path, *, image_root: str | Path | None = None, split: str = "train", check_images: bool = True
+) -> tuple[list[Record], list[str]]:
+    """Read and validate every record. Returns `(records, problems)`, one problem line per bad record.
+
+    With `check_images`, every image is decoded once here, so a missing or broken file is reported
+    before training starts rather than at step N.
+    """
+    root = Path(image_root) if image_root is not None else None
+    records, problems = [], []
+    for index, row in enumerate(read_rows(source, split)):
+        try:
+            if isinstance(row, Exception):
+                raise row
+            record = parse_record(row, index, root)
+            if check_images:
+                load_image(record.image)
+        except (ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+            problems.append(f"{source} record {index}: {_reason(e)}")
+            continue
+        records.append(record)
+    if not records and not problems:
+        problems.append(f"{source}: no records")
+    return records, problems
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, UnidentifiedImageError):
+        return "image cannot be decoded (not an image, or an unsupported format)"
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        return f"image cannot be read: {e}"
+    return str(e)

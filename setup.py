@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mdpo-fast",
+    version="0.1.0",
+    description="Fast, lean mDPO preference training for vision-language models, with a fused log-prob loss",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mdpo_fast", "mdpo_fast.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=5.0",
+        "peft>=0.17",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "pillow",
+        "numpy",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "ruff", "hypothesis"],
+        "flash-attn": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["mdpo-fast=mdpo_fast.cli:main"]},
+)

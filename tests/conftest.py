@@ -1,0 +1,40 @@
+import os
+
+# Before triton is imported anywhere: kernels run on CPU tensors through the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_processor():
+    from mdpo_fast.tiny import build_processor
+
+    return build_processor()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from mdpo_fast.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    from mdpo_fast.demo_data import write_demo_data
+
+    directory = tmp_path_factory.mktemp("demo-data")
+    write_demo_data(directory, n=24)
+    return directory

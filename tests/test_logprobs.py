@@ -1,0 +1,160 @@
+"""token_logprobs / linear_token_logprobs against full-logits PyTorch, at odd shapes and dtypes."""
+
+import pytest
+import torch
+
+import mdpo_fast.chunked as chunked
+from mdpo_fast import linear_token_logprobs, segment_logps, token_logprobs
+from mdpo_fast.naive import linear_token_logprobs_naive, token_logprobs_naive
+
+# Absolute slack on top of "no worse than 2x PyTorch's own error at this dtype", per dtype.
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+SHAPES = [
+    pytest.param(37, 48, 1001, id="N37-H48-V1001"),
+    pytest.param(1, 16, 7, id="N1-H16-V7"),
+    pytest.param(64, 33, 129, id="N64-H33-V129"),
+]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+def _inputs(n, h, v, dtype, seed=0, ignore_every=3):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5
+    bias = torch.randn(v, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::ignore_every] = -100
+    grad = torch.randn(n, generator=g, dtype=torch.float32)
+    return hidden, weight, bias, labels, grad
+
+
+def _run(fn, tensors, labels, grad):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves, labels)
+    out.backward(grad.to(out.dtype))
+    return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+
+def _assert_no_worse(ours, torch_same, exact, dtype, what):
+    for name, a, b, e in zip(("out", *what), ours, torch_same, exact, strict=True):
+        err, base = (a - e).abs().max().item(), (b - e).abs().max().item()
+        assert err <= 2 * base + ATOL[dtype], f"{name}: error {err:.3g} vs PyTorch's own {base:.3g}"
+
+
+@pytest.fixture(params=[None, 5], ids=["one-chunk", "many-chunks"])
+def chunk_rows(request, monkeypatch):
+    if request.param is not None:  # force several chunks, including a ragged last one
+        monkeypatch.setattr(chunked, "chunk_rows", lambda vocab_size: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "h", "v"), SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_linear_matches_full_logits(n, h, v, dtype, with_bias, chunk_rows):
+    hidden, weight, bias, labels, grad = _inputs(n, h, v, dtype)
+    tensors = [hidden, weight] + ([bias] if with_bias else [])
+    what = ("d_hidden", "d_weight") + (("d_bias",) if with_bias else ())
+
+    def ours(h_, w_, *rest):
+        *b_, lab = rest
+        return linear_token_logprobs(h_, w_, lab, bias=b_[0] if b_ else None)
+
+    def naive(h_, w_, *rest):
+        *b_, lab = rest
+        return linear_token_logprobs_naive(h_, w_, lab, bias=b_[0] if b_ else None)
+
+    exact = _run(naive, tensors, labels, grad)
+    same = [t.to(dtype) for t in tensors]
+    got = _run(ours, same, labels, grad)
+    assert ours(*same, labels).dtype == torch.float32
+    _assert_no_worse(got, _run(naive, same, labels, grad), exact, dtype, what)
+    assert (got[0][labels == -100] == 0).all()
+
+
+def test_all_ignored_and_empty(chunk_rows):
+    hidden, weight, _, labels, grad = _inputs(6, 8, 11, torch.float32)
+    h = hidden.float().requires_grad_(True)
+    w = weight.float().requires_grad_(True)
+    out = linear_token_logprobs(h, w, torch.full((6,), -100))
+    out.backward(grad)
+    assert (out == 0).all() and (h.grad == 0).all() and (w.grad == 0).all()
+    empty = linear_token_logprobs(torch.zeros(0, 8), w.detach(), torch.zeros(0, dtype=torch.long))
+    assert empty.shape == (0,)
+
+
+def test_non_contiguous_inputs(chunk_rows):
+    hidden, weight, _, labels, grad = _inputs(37, 48, 1001, torch.float32)
+    h_t = hidden.float().T.contiguous().T  # same values, transposed strides
+    w_t = weight.float().T.contiguous().T
+    assert not h_t.is_contiguous() and not w_t.is_contiguous()
+    got = _run(lambda h_, w_, lab: linear_token_logprobs(h_, w_, lab), [h_t, w_t], labels, grad)
+    exact = _run(lambda h_, w_, lab: linear_token_logprobs_naive(h_, w_, lab), [hidden, weight], labels, grad)
+    for a, e in zip(got, exact, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_in_other_dtype_gets_fp32_gradient():
+    # Mixed precision: fp32 master weight, bf16 activations; the gradient comes back in the weight's dtype.
+    hidden, weight, _, labels, grad = _inputs(9, 16, 50, torch.bfloat16)
+    w = weight.float().requires_grad_(True)
+    linear_token_logprobs(hidden.bfloat16(), w, labels).backward(grad)
+    assert w.grad.dtype == torch.float32 and w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_token_logprobs_matches_log_softmax(dtype):
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(37, 1001, generator=g, dtype=torch.float64) * 3).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 1001, (37,), generator=g)
+    labels[::4] = -100
+    upstream = torch.randn(37, generator=g)
+    out = token_logprobs(logits, labels)
+    out.backward(upstream)
+    exact = torch.log_softmax(logits.detach().double(), -1).gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
+    exact = torch.where(labels == -100, 0.0, exact)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)
+    # d logp / d logits = onehot - softmax, scaled by the upstream gradient; zero on ignored rows
+    soft = torch.softmax(logits.detach().double(), -1)
+    onehot = torch.nn.functional.one_hot(labels.clamp(min=0), 1001).double()
+    expected = (upstream.double() * (labels != -100))[:, None] * (onehot - soft)
+    torch.testing.assert_close(logits.grad.double(), expected, rtol=0, atol=ATOL[dtype] * 2)
+    torch.testing.assert_close(out, token_logprobs_naive(logits.detach(), labels))
+
+
+def test_segment_logps_sums_per_segment():
+    token_logps = torch.tensor([-1.0, -2.0, -3.0, -4.0, -5.0, -6.0])
+    segment_ids = torch.tensor([0, 0, 4, -1, 5, 2])  # example 0 chosen x2, example 1 rejected, -1 skipped, ...
+    got = segment_logps(token_logps, segment_ids, num_examples=2)
+    torch.testing.assert_close(got, torch.tensor([[-3.0, 0.0, -6.0], [0.0, -3.0, -5.0]]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"hidden": torch.zeros(4)}, "hidden must be a 2-D floating-point tensor"),
+        ({"weight": torch.zeros(10, 7)}, r"weight must be \[V, 8\]"),
+        ({"labels": torch.zeros(4)}, "labels must be a 1-D integer tensor"),
+        ({"labels": torch.zeros(3, dtype=torch.long)}, "labels has 3 entries but the inputs have 4 rows"),
+        ({"labels": torch.tensor([0, 1, 10, -100])}, r"labels must lie in \[0, 10\)"),
+        ({"bias": torch.zeros(9)}, r"bias must be a \[10\] tensor"),
+        ({"hidden": torch.zeros(4, 8, dtype=torch.long)}, "hidden must be a 2-D floating-point"),
+    ],
+    ids=["hidden-1d", "weight-H", "labels-float", "labels-length", "labels-range", "bias-shape", "hidden-int"],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    args = {"hidden": torch.zeros(4, 8), "weight": torch.zeros(10, 8), "labels": torch.zeros(4, dtype=torch.long)}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        linear_token_logprobs(**args)
+
+
+def test_peak_memory_under_a_quarter_of_full_logits():
+    from benchmarks.logprobs_memory import peak_extra_mib
+
+    chunk = peak_extra_mib("chunked", 2048, 256, 32000)
+    full = peak_extra_mib("full_logits", 2048, 256, 32000)
+    assert full > 2 * 2048 * 32000 * 4 / 2**20  # the full path really holds several [N, V] fp32 buffers
+    assert chunk < full / 4, f"chunked {chunk:.0f} MiB vs full logits {full:.0f} MiB"
