@@ -1,12 +1,16 @@
 """mdpo-fast: mDPO preference training for vision-language models, with a fused log-prob loss."""
 
+from mdpo_fast.fused_loss import fused_linear_mdpo_loss
 from mdpo_fast.logprobs import linear_token_logprobs, segment_logps, token_logprobs
 from mdpo_fast.loss import METRIC_NAMES, mdpo_loss
+from mdpo_fast.module import MDPOLoss
 
 __all__ = [
     "METRIC_NAMES",
     "MDPOConfig",
+    "MDPOLoss",
     "MDPOTrainer",
+    "fused_linear_mdpo_loss",
     "linear_token_logprobs",
     "mdpo_loss",
     "segment_logps",

@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from mdpo_fast.chunked import linear_token_logprobs_chunked
+from mdpo_fast.backend import LinearOps, backend_for, linear_ops, valid_rows
 from mdpo_fast.naive import token_logprobs_naive
+
+
+@dataclass(frozen=True)
+class LogprobOptions:
+    ops: LinearOps
+    ignore_index: int = -100
+
+
+class LinearLogprobs(torch.autograd.Function):
+    """Log-probs from hidden states through either backend's launchers (`backend.linear_ops`)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, opts: LogprobOptions):
+        rows = valid_rows(labels, opts.ignore_index)
+        logps, lse = opts.ops.fwd(hidden, weight, labels, bias, rows=rows)
+        ctx.save_for_backward(hidden, weight, bias, labels, rows, lse)
+        ctx.ops = opts.ops
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, labels, rows, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grads = ctx.ops.bwd(
+            grad_logps, hidden, weight, labels, lse, bias, rows=rows,
+            need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+        )
+        return *grads, None, None
 
 
 def _check_labels(labels, n: int, vocab_size: int, ignore_index: int) -> None:
@@ -19,6 +49,20 @@ def _check_labels(labels, n: int, vocab_size: int, ignore_index: int) -> None:
             f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
             f"got values in [{int(valid.min())}, {int(valid.max())}]"
         )
+
+
+def check_linear_inputs(hidden, weight, labels, ignore_index: int, bias=None) -> None:
+    """ValueError naming the argument, for anything `linear_token_logprobs` cannot take."""
+    _check_matrix("hidden", hidden)
+    _check_matrix("weight", weight)
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be [V, {hidden.shape[1]}] to match hidden, got {tuple(weight.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"bias must be a [{weight.shape[0]}] tensor, got {_describe(bias)}")
+    _check_labels(labels, hidden.shape[0], weight.shape[0], ignore_index)
+    for name, x in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
 
 
 def _check_matrix(name: str, x) -> None:
@@ -46,7 +90,11 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     _check_labels(labels, logits.shape[0], logits.shape[1], ignore_index)
     if labels.device != logits.device:
         raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
-    return token_logprobs_naive(logits, labels, ignore_index)
+    if backend_for(logits.device) == "triton":
+        from mdpo_fast.kernels.logits_logprobs import triton_token_logprobs
+
+        return triton_token_logprobs(logits, labels, ignore_index)
+    return token_logprobs_naive(logits, labels, ignore_index).float()
 
 
 def linear_token_logprobs(
@@ -73,17 +121,9 @@ def linear_token_logprobs(
         >>> linear_token_logprobs(h, w, torch.tensor([1, 2, -100, 4, 0])).shape
         torch.Size([5])
     """
-    _check_matrix("hidden", hidden)
-    _check_matrix("weight", weight)
-    if weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be [V, {hidden.shape[1]}] to match hidden, got {tuple(weight.shape)}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
-        raise ValueError(f"bias must be a [{weight.shape[0]}] tensor, got {_describe(bias)}")
-    _check_labels(labels, hidden.shape[0], weight.shape[0], ignore_index)
-    for name, x in (("weight", weight), ("labels", labels), ("bias", bias)):
-        if x is not None and x.device != hidden.device:
-            raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
-    return linear_token_logprobs_chunked(hidden, weight, labels, ignore_index, bias)
+    check_linear_inputs(hidden, weight, labels, ignore_index, bias)
+    opts = LogprobOptions(linear_ops(hidden.device), ignore_index)
+    return LinearLogprobs.apply(hidden, weight, bias, labels, opts)
 
 
 def segment_logps(token_logps: torch.Tensor, segment_ids: torch.Tensor, num_examples: int) -> torch.Tensor:

@@ -103,15 +103,24 @@ def last_hidden_states(model: nn.Module, inputs: dict) -> torch.Tensor:
     return captured[0]
 
 
-def padded_branch_logps(model: nn.Module, batch: dict) -> torch.Tensor:
-    """`[B, 3]` summed answer log-probs of a `PaddedCollator` batch (rows branch-major)."""
+def answer_tokens(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Hidden states of the tokens that predict answer tokens, of a `PaddedCollator` batch (rows branch-major).
+
+    Returns `(hidden [M, H], labels [M], segment_ids [M], num_examples)`, as the fused loss takes them.
+    """
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_index")}
     hidden = last_hidden_states(model, inputs)[:, :-1]  # position t predicts token t + 1
     labels = batch["labels"][:, 1:]
     answer = labels != IGNORE_INDEX
-    head = unwrap(model).get_output_embeddings()
-    token_logps = linear_token_logprobs(hidden[answer], head.weight, labels[answer], bias=head.bias)
     rows, num_examples = labels.shape[0], labels.shape[0] // NUM_BRANCHES
     row = torch.arange(rows, device=labels.device)[:, None].expand_as(labels)[answer]
     segment_ids = NUM_BRANCHES * (row % num_examples) + row // num_examples
+    return hidden[answer], labels[answer], segment_ids, num_examples
+
+
+def padded_branch_logps(model: nn.Module, batch: dict) -> torch.Tensor:
+    """`[B, 3]` summed answer log-probs of a `PaddedCollator` batch."""
+    hidden, labels, segment_ids, num_examples = answer_tokens(model, batch)
+    head = unwrap(model).get_output_embeddings()
+    token_logps = linear_token_logprobs(hidden, head.weight, labels, bias=head.bias)
     return segment_logps(token_logps, segment_ids, num_examples)

@@ -6,10 +6,11 @@ import torch
 
 
 def token_logprobs_naive(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """`log softmax(logits)[label]` per row in fp32, 0 where `labels == ignore_index`. `[N, V], [N] -> [N]`."""
+    """`log softmax(logits)[label]` per row, 0 where ignored; fp32, or fp64 for fp64 input. `[N, V], [N] -> [N]`."""
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(1, safe[:, None]).squeeze(1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logp = torch.log_softmax(logits, dim=-1).gather(1, safe[:, None]).squeeze(1)
     return torch.where(valid, logp, 0.0)
 
 

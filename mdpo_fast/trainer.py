@@ -8,8 +8,9 @@ import torch
 from transformers import Trainer
 
 from mdpo_fast.collate import PaddedCollator
-from mdpo_fast.loss import mdpo_loss
-from mdpo_fast.modeling import padded_branch_logps, reference_context
+from mdpo_fast.fused_loss import fused_linear_mdpo_loss
+from mdpo_fast.loss import METRIC_NAMES
+from mdpo_fast.modeling import answer_tokens, padded_branch_logps, reference_context, unwrap
 
 
 class MDPOTrainer(Trainer):
@@ -36,16 +37,22 @@ class MDPOTrainer(Trainer):
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ref_logps = ref_hidden = None
         with reference_context(model, self.reference_model):
-            ref_logps = padded_branch_logps(self.reference_model or model, inputs)
-        policy_logps = padded_branch_logps(model, inputs)
+            if self.reference_model is None:  # LoRA: same LM head, so the reference rows join the fused launch
+                ref_hidden = answer_tokens(model, inputs)[0]
+            else:
+                ref_logps = padded_branch_logps(self.reference_model, inputs)
+        hidden, labels, segment_ids, num_examples = answer_tokens(model, inputs)
+        head = unwrap(model).get_output_embeddings()
         args = self.args
-        loss, metrics = mdpo_loss(
-            policy_logps, ref_logps, beta=args.beta, anchor=args.anchor, weights=args.loss_weights
+        loss, metrics = fused_linear_mdpo_loss(
+            hidden, head.weight, labels, segment_ids, ref_logps, ref_hidden=ref_hidden, bias=head.bias,
+            num_examples=num_examples, beta=args.beta, anchor=args.anchor, weights=args.loss_weights,
         )
-        for name, value in metrics.items():
-            self._metrics[name].append(value)
-        return (loss, {"policy_logps": policy_logps, "ref_logps": ref_logps}) if return_outputs else loss
+        for name in METRIC_NAMES:
+            self._metrics[name].append(metrics[name])
+        return (loss, metrics) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._metrics and "loss" in logs:  # training logs: mean of the metrics since the last log

@@ -1,0 +1,337 @@
+"""Per-token log-probs straight from hidden states and the LM-head weight, never writing `[N, V]` logits.
+
+Forward: each program owns a block of (non-ignored) rows and one slice of the vocab, builds logit tiles on
+chip (`hidden @ weight.T` over hidden blocks, fp32 accumulate) and keeps an online max / sum-exp per row; the
+host merges the per-slice log-sum-exps. Backward recomputes the same tiles from the saved log-sum-exp, forms
+`g * (onehot(label) - softmax)` per tile and adds its products with `weight` and `hidden` into fp32 gradient
+buffers with atomics. The plain reference is `mdpo_fast.naive.linear_token_logprobs_naive`; the autograd
+Function over these launchers is `mdpo_fast.logprobs.LinearLogprobs`, shared with the PyTorch backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mdpo_fast.backend import valid_rows
+from mdpo_fast.kernels.config import (
+    LinearLogprobsConfig,
+    dot_precision,
+    emulate_bf16,
+    linear_bwd_config,
+    linear_fwd_config,
+    min_programs,
+    vocab_splits,
+)
+
+
+def _emulate_bf16(args) -> bool:
+    return emulate_bf16(args["hidden_ptr"])
+
+
+@triton.jit
+def round_to_bf16(x):
+    """fp32 -> nearest bf16 value (ties to even), kept in fp32. Only for the interpreter, whose cast truncates."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _logit_tile(
+    hidden_ptr,  # [N, H]
+    weight_ptr,  # [V, H]
+    bias_ptr,  # [V] or None
+    rows,  # [BLOCK_N] int64 row indices into hidden
+    row_mask,  # [BLOCK_N]
+    offs_v,  # [BLOCK_V]
+    col_mask,  # [BLOCK_V]
+    H,
+    stride_hn,
+    stride_wv,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """`hidden[rows] @ weight[offs_v].T (+ bias)` as a `[BLOCK_N, BLOCK_V]` fp32 tile."""
+    x_row = hidden_ptr + rows[:, None] * stride_hn
+    w_row = weight_ptr + offs_v.to(tl.int64)[:, None] * stride_wv
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        x = tl.load(x_row + offs_h[None, :], mask=row_mask[:, None] & h_mask[None, :], other=0.0)  # [BN, BH]
+        w = tl.load(w_row + offs_h[None, :], mask=col_mask[:, None] & h_mask[None, :], other=0.0)  # [BV, BH]
+        if EMULATE_BF16:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None, "EMULATE_BF16": _emulate_bf16})
+@triton.jit(do_not_specialize=["n_rows", "blocks_per_split"])
+def _linear_logprobs_fwd_kernel(
+    hidden_ptr,  # [N, H] float, unit stride along H
+    weight_ptr,  # [V, H] hidden's dtype, unit stride along H
+    bias_ptr,  # [V] hidden's dtype, or None
+    labels_ptr,  # [N] int
+    rows_ptr,  # [M] int64: rows whose label is not ignored
+    lse_part_ptr,  # [S, M] fp32: log-sum-exp of each row over one vocab slice
+    label_part_ptr,  # [S, M] fp32: the label's logit if it lies in the slice, else 0
+    n_rows,  # M; changes every batch, so never a constexpr
+    blocks_per_split,  # vocab blocks per slice
+    H,
+    V,
+    stride_hn,
+    stride_wv,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs_m < n_rows
+    rows = tl.load(rows_ptr + offs_m, mask=row_mask, other=0)
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+
+    v_start = split * blocks_per_split * BLOCK_V
+    v_stop = tl.minimum(v_start + blocks_per_split * BLOCK_V, V)
+    m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_N], dtype=tl.float32)
+    label_logit = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for v0 in range(v_start, v_stop, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        col_mask = offs_v < V
+        logits = _logit_tile(
+            hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, offs_v, col_mask, H, stride_hn, stride_wv,
+            BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, EMULATE_BF16, DOT_PRECISION,
+        )
+        logits = tl.where(col_mask[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+        m_i = m_new
+        label_logit += tl.sum(tl.where(offs_v[None, :] == labels[:, None], logits, 0.0), axis=1)
+
+    out = split * n_rows + offs_m
+    tl.store(lse_part_ptr + out, m_i + tl.log(s_i), mask=row_mask)
+    tl.store(label_part_ptr + out, label_logit, mask=row_mask)
+
+
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+        "HAS_DH": lambda args: args["grad_hidden_ptr"] is not None,
+        "HAS_DW": lambda args: args["grad_weight_ptr"] is not None,
+        "HAS_DB": lambda args: args["grad_bias_ptr"] is not None,
+        "EMULATE_BF16": _emulate_bf16,
+    }
+)
+@triton.jit(do_not_specialize=["n_rows"])
+def _linear_logprobs_bwd_kernel(
+    hidden_ptr,  # [N, H] float, unit stride along H
+    weight_ptr,  # [V, H] hidden's dtype, unit stride along H
+    bias_ptr,  # [V] hidden's dtype, or None
+    labels_ptr,  # [N] int
+    rows_ptr,  # [M] int64: rows whose label is not ignored
+    lse_ptr,  # [N] fp32 from the forward
+    grad_logps_ptr,  # [N] fp32 upstream gradient
+    grad_hidden_ptr,  # [N, H] fp32 zeros, contiguous; or None
+    grad_weight_ptr,  # [V, H] fp32 zeros, contiguous; or None
+    grad_bias_ptr,  # [V] fp32 zeros; or None
+    n_rows,  # M; changes every batch, so never a constexpr
+    H,
+    V,
+    stride_hn,
+    stride_wv,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DH: tl.constexpr,
+    HAS_DW: tl.constexpr,
+    HAS_DB: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Grouped order: GROUP_N row blocks sweep the vocab side by side, so each weight tile is read from L2.
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
+    per_group = GROUP_N * tl.cdiv(V, BLOCK_V)
+    first_n = (pid // per_group) * GROUP_N
+    group_size = tl.minimum(n_row_blocks - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    offs_m = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs_m < n_rows
+    rows = tl.load(rows_ptr + offs_m, mask=row_mask, other=0)
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(grad_logps_ptr + rows, mask=row_mask, other=0.0)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = offs_v < V
+
+    logits = _logit_tile(
+        hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, offs_v, col_mask, H, stride_hn, stride_wv,
+        BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, EMULATE_BF16, DOT_PRECISION,
+    )
+    # d logp / d logits = onehot(label) - softmax; padding lanes forced to 0 (exp may overflow there)
+    onehot = tl.where(offs_v[None, :] == labels[:, None], 1.0, 0.0)
+    grad = g[:, None] * (onehot - tl.exp(logits - lse[:, None]))  # [BN, BV] fp32
+    grad = tl.where(row_mask[:, None] & col_mask[None, :], grad, 0.0)
+    if HAS_DB:
+        tl.atomic_add(grad_bias_ptr + offs_v, tl.sum(grad, axis=0), mask=col_mask, sem="relaxed")
+    # The products run at the input precision, as PyTorch's `grad_logits @ weight` would.
+    if EMULATE_BF16:
+        grad = round_to_bf16(grad)
+    else:
+        grad = grad.to(hidden_ptr.dtype.element_ty)
+
+    offs_v64 = offs_v.to(tl.int64)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        if HAS_DH:
+            w_ptrs = weight_ptr + offs_v64[:, None] * stride_wv + offs_h[None, :]
+            w = tl.load(w_ptrs, mask=col_mask[:, None] & h_mask[None, :], other=0.0)  # [BV, BH]
+            if EMULATE_BF16:
+                w = w.to(tl.float32)
+            dh = tl.dot(grad, w, input_precision=DOT_PRECISION)  # [BN, BH]
+            dh_ptrs = grad_hidden_ptr + rows[:, None] * H + offs_h[None, :]
+            tl.atomic_add(dh_ptrs, dh, mask=row_mask[:, None] & h_mask[None, :], sem="relaxed")
+        if HAS_DW:
+            x_ptrs = hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :]
+            x = tl.load(x_ptrs, mask=row_mask[:, None] & h_mask[None, :], other=0.0)  # [BN, BH]
+            if EMULATE_BF16:
+                x = x.to(tl.float32)
+            dw = tl.dot(tl.trans(grad), x, input_precision=DOT_PRECISION)  # [BV, BH]
+            dw_ptrs = grad_weight_ptr + offs_v64[:, None] * H + offs_h[None, :]
+            tl.atomic_add(dw_ptrs, dw, mask=col_mask[:, None] & h_mask[None, :], sem="relaxed")
+
+
+def _prepare(hidden, weight, bias):
+    # The kernels need unit stride along H only; any row stride is passed through.
+    if hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    weight = weight.to(hidden.dtype)
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.to(hidden.dtype).contiguous()
+    return hidden, weight, bias
+
+
+def linear_logprobs_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    rows: torch.Tensor | None = None,
+    config: LinearLogprobsConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and log-sum-exps of `labels` under `hidden @ weight.T (+ bias)`.
+
+    Args:
+        hidden: `[N, H]` bf16, fp16 or fp32. weight: `[V, H]`, cast to `hidden.dtype`. bias: `[V]` or None.
+        labels: `[N]` int, `ignore_index` where no log-prob is wanted.
+        rows: `valid_rows(labels, ignore_index)` if the caller already has it (saves a host sync).
+
+    Returns:
+        `(logps, lse)`, both `[N]` fp32 and 0 on ignored rows.
+    """
+    hidden, weight, bias = _prepare(hidden, weight, bias)
+    labels = labels.contiguous()
+    n, h = hidden.shape
+    v = weight.shape[0]
+    if rows is None:
+        rows = valid_rows(labels, ignore_index)
+    m = rows.numel()
+    logps = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    if m == 0:
+        return logps, lse
+    cfg = config or linear_fwd_config(hidden.device, h, v)
+    n_row_blocks = triton.cdiv(m, cfg.block_n)
+    splits, per_split = vocab_splits(n_row_blocks, triton.cdiv(v, cfg.block_v), min_programs(cfg, hidden.device))
+    lse_part = torch.empty(splits, m, dtype=torch.float32, device=hidden.device)
+    label_part = torch.empty(splits, m, dtype=torch.float32, device=hidden.device)
+    _linear_logprobs_fwd_kernel[(n_row_blocks, splits)](
+        hidden, weight, bias, labels, rows, lse_part, label_part, m, per_split, h, v,
+        hidden.stride(0), weight.stride(0),
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, DOT_PRECISION=dot_precision(hidden.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    row_lse = lse_part[0] if splits == 1 else torch.logsumexp(lse_part, dim=0)
+    lse[rows] = row_lse
+    logps[rows] = label_part.sum(0) - row_lse
+    return logps, lse
+
+
+def linear_logprobs_bwd(
+    grad_logps: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    rows: torch.Tensor | None = None,
+    need_hidden: bool = True,
+    need_weight: bool = True,
+    need_bias: bool | None = None,
+    config: LinearLogprobsConfig | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of `sum(grad_logps * logps)` for `hidden`, `weight` and `bias`, recomputing the logits.
+
+    Args:
+        grad_logps: `[N]` upstream gradient (any float dtype; ignored rows are skipped whatever it holds).
+        lse: `[N]` fp32 log-sum-exps from `linear_logprobs_fwd`.
+        need_hidden / need_weight / need_bias: which gradients to form (`need_bias` defaults to `bias is not None`).
+
+    Returns:
+        `(grad_hidden [N, H], grad_weight [V, H], grad_bias [V])` in the dtypes of the inputs, None where not needed.
+    """
+    weight_dtype = weight.dtype
+    bias_dtype = None if bias is None else bias.dtype
+    hidden, weight, bias = _prepare(hidden, weight, bias)
+    labels = labels.contiguous()
+    need_bias = bias is not None and (need_bias is None or need_bias)
+    n, h = hidden.shape
+    v = weight.shape[0]
+    if rows is None:
+        rows = valid_rows(labels, ignore_index)
+    m = rows.numel()
+    dev = hidden.device
+    # fp32 accumulators: atomics from many programs must not round at 16 bits
+    grad_hidden = torch.zeros(n, h, dtype=torch.float32, device=dev) if need_hidden else None
+    grad_weight = torch.zeros(v, h, dtype=torch.float32, device=dev) if need_weight else None
+    grad_bias = torch.zeros(v, dtype=torch.float32, device=dev) if need_bias else None
+    if m and (need_hidden or need_weight or need_bias):
+        cfg = config or linear_bwd_config(dev, h, v)
+        grid = (triton.cdiv(m, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
+        _linear_logprobs_bwd_kernel[grid](
+            hidden, weight, bias, labels, rows, lse.float().contiguous(), grad_logps.float().contiguous(),
+            grad_hidden, grad_weight, grad_bias, m, h, v, hidden.stride(0), weight.stride(0),
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP_N=cfg.group_n,
+            DOT_PRECISION=dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    if grad_hidden is not None:
+        grad_hidden = grad_hidden.to(hidden.dtype)
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight_dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias_dtype)
+    return grad_hidden, grad_weight, grad_bias
