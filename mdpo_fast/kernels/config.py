@@ -68,13 +68,19 @@ def _block(size: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(size)))
 
 
-def linear_fwd_config(device: torch.device, hidden_size: int, vocab_size: int) -> LinearLogprobsConfig:
-    cfg = LINEAR_FWD_INTERPRET if interpreting(device) else LINEAR_FWD
+def for_dtype(cfg: LinearLogprobsConfig, dtype: torch.dtype) -> LinearLogprobsConfig:
+    """fp32 operands take twice the shared memory per pipeline stage: half the hidden block keeps the backward
+    inside H100's 227 KiB (at block_h=64 it needs 240 KiB and cannot launch; see tests/compile_sm90.py)."""
+    return replace(cfg, block_h=cfg.block_h // 2) if dtype == torch.float32 else cfg
+
+
+def linear_fwd_config(device: torch.device, dtype: torch.dtype, hidden_size: int, vocab_size: int):
+    cfg = LINEAR_FWD_INTERPRET if interpreting(device) else for_dtype(LINEAR_FWD, dtype)
     return _clamp_linear(cfg, hidden_size, vocab_size)
 
 
-def linear_bwd_config(device: torch.device, hidden_size: int, vocab_size: int) -> LinearLogprobsConfig:
-    cfg = LINEAR_BWD_INTERPRET if interpreting(device) else LINEAR_BWD
+def linear_bwd_config(device: torch.device, dtype: torch.dtype, hidden_size: int, vocab_size: int):
+    cfg = LINEAR_BWD_INTERPRET if interpreting(device) else for_dtype(LINEAR_BWD, dtype)
     return _clamp_linear(cfg, hidden_size, vocab_size)
 
 

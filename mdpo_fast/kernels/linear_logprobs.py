@@ -263,7 +263,7 @@ def linear_logprobs_fwd(
     lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     if m == 0:
         return logps, lse
-    cfg = config or linear_fwd_config(hidden.device, h, v)
+    cfg = config or linear_fwd_config(hidden.device, hidden.dtype, h, v)
     n_row_blocks = triton.cdiv(m, cfg.block_n)
     splits, per_split = vocab_splits(n_row_blocks, triton.cdiv(v, cfg.block_v), min_programs(cfg, hidden.device))
     lse_part = torch.empty(splits, m, dtype=torch.float32, device=hidden.device)
@@ -320,7 +320,7 @@ def linear_logprobs_bwd(
     grad_weight = torch.zeros(v, h, dtype=torch.float32, device=dev) if need_weight else None
     grad_bias = torch.zeros(v, dtype=torch.float32, device=dev) if need_bias else None
     if m and (need_hidden or need_weight or need_bias):
-        cfg = config or linear_bwd_config(dev, h, v)
+        cfg = config or linear_bwd_config(dev, hidden.dtype, h, v)
         grid = (triton.cdiv(m, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
         _linear_logprobs_bwd_kernel[grid](
             hidden, weight, bias, labels, rows, lse.float().contiguous(), grad_logps.float().contiguous(),

@@ -1,0 +1,91 @@
+"""Compile every Triton kernel for sm_90 (H100) at its production tile sizes, on a machine without a GPU.
+
+The interpreter proves the arithmetic; this proves the kernels pass Triton's and ptxas's checks at the
+real block sizes, fit in shared memory and do not spill registers. Prints one JSON line per kernel.
+Run with TRITON_INTERPRET unset: `python tests/compile_sm90.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+from mdpo_fast.kernels import linear_logprobs as lin
+from mdpo_fast.kernels import logits_logprobs as lgt
+from mdpo_fast.kernels.config import LINEAR_BWD, LINEAR_FWD, LOGITS_BWD, LOGITS_FWD, for_dtype
+
+TARGET = GPUTarget("cuda", 90, 32)
+H100_SHARED_BYTES = 227 * 1024
+DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _resources(cubin: bytes) -> dict:
+    tool = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+    return {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", out.stdout)}
+
+
+def compile_one(kernel, types: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    fn = kernel if isinstance(kernel, triton.JITFunction) else kernel.fn  # under @triton.heuristics
+    signature = {name: ("constexpr" if name in constexprs else types[name]) for name in fn.arg_names}
+    compiled = triton.compile(
+        triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    return {"shared_bytes": compiled.metadata.shared, **_resources(compiled.asm["cubin"])}
+
+
+def linear_variants():
+    ints = {"labels_ptr": "*i64", "rows_ptr": "*i64", "n_rows": "i32", "blocks_per_split": "i32", "H": "i32",
+            "V": "i32", "stride_hn": "i64", "stride_wv": "i64"}
+    fp32 = {"lse_part_ptr": "*fp32", "label_part_ptr": "*fp32", "lse_ptr": "*fp32", "grad_logps_ptr": "*fp32",
+            "grad_hidden_ptr": "*fp32", "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32"}
+    for dtype, ptr in DTYPES.items():
+        for bias in (False, True):
+            types = {**ints, **fp32, "hidden_ptr": ptr, "weight_ptr": ptr, "bias_ptr": ptr}
+            base = {"HAS_BIAS": bias, "EMULATE_BF16": False, "DOT_PRECISION": "tf32"}
+            if not bias:
+                base["bias_ptr"] = None
+            cfg = for_dtype(LINEAR_FWD, TORCH_DTYPES[dtype])
+            yield (f"linear_fwd-{dtype}-{'bias' if bias else 'nobias'}", lin._linear_logprobs_fwd_kernel, types,
+                   {**base, "BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_H": cfg.block_h}, cfg)
+            cfg = for_dtype(LINEAR_BWD, TORCH_DTYPES[dtype])
+            for need in ("dh+dw", "dh"):  # full fine-tuning / LoRA (frozen LM head: no weight gradient)
+                flags = {"HAS_DH": True, "HAS_DW": need == "dh+dw", "HAS_DB": bias and need == "dh+dw"}
+                nones = {f"grad_{k}_ptr": None for k, on in (("weight", flags["HAS_DW"]), ("bias", flags["HAS_DB"]))
+                         if not on}
+                yield (f"linear_bwd-{dtype}-{'bias' if bias else 'nobias'}-{need}", lin._linear_logprobs_bwd_kernel,
+                       types, {**base, **flags, **nones, "BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v,
+                               "BLOCK_H": cfg.block_h, "GROUP_N": cfg.group_n}, cfg)
+
+
+def logits_variants():
+    ints = {"labels_ptr": "*i64", "V": "i32", "stride_n": "i64", "ignore_index": "i32", "logps_ptr": "*fp32",
+            "lse_ptr": "*fp32", "grad_logps_ptr": "*fp32"}
+    for dtype, ptr in DTYPES.items():
+        types = {**ints, "logits_ptr": ptr, "grad_logits_ptr": ptr}
+        yield f"logits_fwd-{dtype}", lgt._logits_logprobs_fwd_kernel, types, {"BLOCK_V": LOGITS_FWD.block_v}, \
+            LOGITS_FWD
+        yield f"logits_bwd-{dtype}", lgt._logits_logprobs_bwd_kernel, types, \
+            {"BLOCK_V": LOGITS_BWD.block_v, "EMULATE_BF16": False}, LOGITS_BWD
+
+
+def main() -> None:
+    for name, kernel, types, constexprs, cfg in (*linear_variants(), *logits_variants()):
+        row = compile_one(kernel, types, constexprs, cfg.num_warps, getattr(cfg, "num_stages", 3))
+        print(json.dumps({"kernel": name, **row}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
