@@ -101,6 +101,11 @@ def run_training(args, model=None, processor=None, records=None, source=None):
     trainer = MDPOTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=processor, reference_model=reference
     )
+    if args.precompute_ref_logps:
+        from mdpo_fast.ref_cache import precompute_ref_logps
+
+        dataset.ref_logps = precompute_ref_logps(trainer)
+        trainer.reference_model = None  # no longer needed: frees the full fine-tuning copy
     trainer.train(resume_from_checkpoint=_resume_arg(args.resume_from_checkpoint))
     trainer.save_model()
     trainer.save_state()

@@ -11,6 +11,15 @@ import torch
 from mdpo_fast.loss import CORRUPTED, NUM_BRANCHES, REJECTED
 
 IGNORE_INDEX = -100
+# Batch entries that describe the layout; every other entry is an image-processor output (pixel_values, ...).
+LAYOUT_KEYS = frozenset({
+    "input_ids", "attention_mask", "position_ids", "labels", "predictor_index", "target_ids", "segment_ids",
+    "image_order", "example_index", "stats", "ref_logps", "unit_ids", "roles",
+})
+
+
+def image_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in LAYOUT_KEYS}
 
 
 def concat_image_inputs(image_inputs: list[dict]) -> dict:
@@ -38,10 +47,15 @@ class PaddedCollator:
             input_ids[r, :n] = torch.tensor(prompt + answer)
             attention_mask[r, :n] = 1
             labels[r, len(prompt):n] = torch.tensor(answer)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,  # answer tokens at their own positions; shifted where log-probs are taken
             "example_index": torch.tensor([item["example"].index for item in items]),
+            # tokens, padding tokens, images through the vision tower: counters for the logs
+            "stats": torch.tensor([int(attention_mask.sum()), int((attention_mask == 0).sum()), len(images)]),
             **concat_image_inputs(images),
         }
+        if "ref_logps" in items[0]:
+            batch["ref_logps"] = torch.stack([item["ref_logps"] for item in items])
+        return batch

@@ -20,7 +20,11 @@ class MDPOConfig(TrainingArguments):
     model_dtype: str = field(
         default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16."}
     )
-    attn_implementation: str = field(default="sdpa", metadata={"help": "Attention backend: sdpa or eager."})
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "Attention backend: sdpa (dense masks; CPU and GPU), flex_attention (block-sparse masks, "
+                  "long packed rows at no extra cost; needs a GPU to train) or eager."},
+    )
     dataset: str | None = field(
         default=None, metadata={"help": "A .json / .jsonl file, a dataset saved with save_to_disk, or a hub id."}
     )
@@ -59,6 +63,26 @@ class MDPOConfig(TrainingArguments):
     lora_dropout: float = field(
         default=0.0, metadata={"help": "LoRA dropout; above 0 the policy differs from the reference at step 0."}
     )
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Lay the three branches of the step's examples back to back in rows, no padding "
+                  "inside a row; false: the plain padded layout (3B padded rows, images re-encoded per row)."},
+    )
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={"help": "With packing, chosen and rejected share one copy of the image+prompt prefix."},
+    )
+    max_tokens_per_batch: int = field(
+        default=8192,
+        metadata={"help": "With packing, the most tokens in one row; a step needing more fills several rows. "
+                  "With dense attention masks (sdpa, eager) rows are also capped at twice the model's hidden "
+                  "size, where masked-out attention work stays small next to the linear layers."},
+    )
+    precompute_ref_logps: bool = field(
+        default=True,
+        metadata={"help": "Compute the reference log-probs of every example once before training (kept in "
+                  "output_dir/ref_logps, reused on resume) instead of a reference forward every step."},
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept false: the collator needs the whole example."}
     )
@@ -72,6 +96,8 @@ class MDPOConfig(TrainingArguments):
                 raise ValueError(f"{name} must be two numbers 0 < low <= high, got {value}")
         if self.corruption_area[1] > 1:
             raise ValueError(f"corruption_area must lie in (0, 1], got {self.corruption_area}")
+        if self.max_tokens_per_batch < 2:
+            raise ValueError(f"max_tokens_per_batch must be at least 2, got {self.max_tokens_per_batch}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
         if self.model_dtype not in ("auto", "float32", "bfloat16", "float16"):

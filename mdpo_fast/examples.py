@@ -81,6 +81,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.examples = examples
         self.image_processor = image_processor
         self.seed, self.area, self.ratio = seed, tuple(area), tuple(ratio)
+        self.ref_logps: dict[int, torch.Tensor] | None = None  # precomputed reference log-probs by record index
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -90,8 +91,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
         image = load_image(ex.image)
         corrupted = corrupt_image(image, self.seed, ex.index, self.area, self.ratio)
         # One processor call per image, so batches can concatenate them in any order, whatever the family.
-        return {
+        item = {
             "example": ex,
             "image": dict(self.image_processor(images=image, return_tensors="pt")),
             "corrupted_image": dict(self.image_processor(images=corrupted, return_tensors="pt")),
         }
+        if self.ref_logps is not None:
+            item["ref_logps"] = self.ref_logps[ex.index]
+        return item

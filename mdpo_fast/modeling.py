@@ -8,9 +8,10 @@ import copy
 import torch
 from torch import nn
 
-from mdpo_fast.collate import IGNORE_INDEX
+from mdpo_fast.collate import IGNORE_INDEX, image_inputs
 from mdpo_fast.logprobs import linear_token_logprobs, segment_logps
 from mdpo_fast.loss import NUM_BRANCHES
+from mdpo_fast.packing import attention_mask, block_mask
 
 # An empty index: the model's own LM head computes logits for no position at all.
 _NO_LOGITS = torch.zeros(0, dtype=torch.long)
@@ -78,16 +79,24 @@ def prepare_model(model: nn.Module, args) -> tuple[nn.Module, nn.Module | None]:
     return get_peft_model(model, lora), None
 
 
+@contextlib.contextmanager
 def reference_context(model: nn.Module, reference: nn.Module | None):
-    """No-grad context whose model is the reference: the frozen copy, or the policy with adapters off."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.no_grad())
-    if reference is None:
-        peft_model = model
-        while not hasattr(peft_model, "disable_adapter"):
-            peft_model = peft_model.module
-        stack.enter_context(peft_model.disable_adapter())
-    return stack
+    """No-grad, eval-mode context whose model is the reference: the frozen copy, or the policy with adapters
+    off. Eval mode keeps the reference deterministic, live or precomputed."""
+    target = model if reference is None else reference
+    was_training = target.training
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.no_grad())
+        if reference is None:
+            peft_model = model
+            while not hasattr(peft_model, "disable_adapter"):
+                peft_model = peft_model.module
+            stack.enter_context(peft_model.disable_adapter())
+        target.eval()
+        try:
+            yield
+        finally:
+            target.train(was_training)
 
 
 def last_hidden_states(model: nn.Module, inputs: dict) -> torch.Tensor:
@@ -96,19 +105,20 @@ def last_hidden_states(model: nn.Module, inputs: dict) -> torch.Tensor:
     backbone = unwrap(model).model
     captured = []
     handle = backbone.register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state))
+    device = next(v.device for v in inputs.values() if isinstance(v, torch.Tensor))
     try:
-        model(**inputs, logits_to_keep=_NO_LOGITS.to(inputs["input_ids"].device), use_cache=False)
+        model(**inputs, logits_to_keep=_NO_LOGITS.to(device), use_cache=False)
     finally:
         handle.remove()
     return captured[0]
 
 
-def answer_tokens(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def padded_answer_tokens(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Hidden states of the tokens that predict answer tokens, of a `PaddedCollator` batch (rows branch-major).
 
     Returns `(hidden [M, H], labels [M], segment_ids [M], num_examples)`, as the fused loss takes them.
     """
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "example_index")}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **image_inputs(batch)}
     hidden = last_hidden_states(model, inputs)[:, :-1]  # position t predicts token t + 1
     labels = batch["labels"][:, 1:]
     answer = labels != IGNORE_INDEX
@@ -120,7 +130,40 @@ def answer_tokens(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Te
 
 def padded_branch_logps(model: nn.Module, batch: dict) -> torch.Tensor:
     """`[B, 3]` summed answer log-probs of a `PaddedCollator` batch."""
-    hidden, labels, segment_ids, num_examples = answer_tokens(model, batch)
+    hidden, labels, segment_ids, num_examples = padded_answer_tokens(model, batch)
     head = unwrap(model).get_output_embeddings()
     token_logps = linear_token_logprobs(hidden, head.weight, labels, bias=head.bias)
     return segment_logps(token_logps, segment_ids, num_examples)
+
+
+def image_features(model: nn.Module, batch: dict) -> list[torch.Tensor]:
+    """Features of each distinct image of a packed batch, through the frozen vision tower and projector once.
+
+    Frozen, they are the same for the policy and the reference, so both forwards reuse them.
+    """
+    with torch.no_grad():
+        out = unwrap(model).model.get_image_features(**image_inputs(batch), return_dict=True)
+    return list(out.pooler_output)
+
+
+def packed_answer_tokens(model: nn.Module, batch: dict, features: list[torch.Tensor]):
+    """As `padded_answer_tokens`, for a `PackedCollator` batch and its `image_features`."""
+    base = unwrap(model)
+    input_ids = batch["input_ids"]
+    embeds = base.get_input_embeddings()(input_ids)
+    slots = input_ids == base.config.image_token_id
+    placed = torch.cat([features[i] for i in batch["image_order"].tolist()]).to(embeds.dtype)
+    if int(slots.sum()) != placed.shape[0]:
+        raise ValueError(f"{int(slots.sum())} image tokens in the batch but {placed.shape[0]} image features")
+    embeds = embeds.masked_scatter(slots[..., None], placed)
+    impl = base.config.get_text_config()._attn_implementation
+    if impl == "flex_attention":
+        mask = block_mask(batch["unit_ids"], batch["roles"])
+    else:  # a dense [R, 1, L, L] mask, built here on the batch's device
+        mask = attention_mask(batch["unit_ids"], batch["roles"])
+        if impl == "eager":  # eager adds the mask to the scores
+            mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(embeds.dtype).min)
+    inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": batch["position_ids"]}
+    hidden = last_hidden_states(model, inputs).flatten(0, 1)[batch["predictor_index"]]
+    return hidden, batch["target_ids"], batch["segment_ids"], batch["example_index"].shape[0]

@@ -9,8 +9,17 @@ from transformers import Trainer
 
 from mdpo_fast.collate import PaddedCollator
 from mdpo_fast.fused_loss import fused_linear_mdpo_loss
+from mdpo_fast.logprobs import linear_token_logprobs, segment_logps
 from mdpo_fast.loss import METRIC_NAMES
-from mdpo_fast.modeling import answer_tokens, padded_branch_logps, reference_context, unwrap
+from mdpo_fast.modeling import (
+    image_features,
+    packed_answer_tokens,
+    padded_answer_tokens,
+    reference_context,
+    unwrap,
+)
+from mdpo_fast.packing import PackedCollator, dense_row_tokens, packed_length
+from mdpo_fast.sampler import LengthGroupedSampler
 
 
 class MDPOTrainer(Trainer):
@@ -19,14 +28,22 @@ class MDPOTrainer(Trainer):
     Args:
         model: the policy; a peft model whose adapters are switched off for the reference, unless
             `reference_model` is given (full fine-tuning).
-        args: an `MDPOConfig`.
+        args: an `MDPOConfig`; `packing`, `prefix_sharing`, `max_tokens_per_batch` choose the layout.
         train_dataset: a `PreferenceDataset` (see `prepare_dataset`).
         processing_class: the model's processor; saved with every checkpoint.
     """
 
     def __init__(self, model, args, train_dataset, processing_class, reference_model=None, **kwargs):
-        pad_id = processing_class.tokenizer.pad_token_id
-        kwargs.setdefault("data_collator", PaddedCollator(pad_id if pad_id is not None else 0))
+        pad_id = processing_class.tokenizer.pad_token_id or 0
+        if "data_collator" not in kwargs and args.packing:
+            base = unwrap(model)
+            dense = base.config.get_text_config()._attn_implementation != "flex_attention"  # masked work still done
+            hidden_size = base.get_output_embeddings().weight.shape[1]
+            kwargs["data_collator"] = PackedCollator(
+                pad_id, base.config.image_token_id, args.max_tokens_per_batch, args.prefix_sharing,
+                dense_row_tokens=dense_row_tokens(hidden_size) if dense else None,
+            )
+        kwargs.setdefault("data_collator", PaddedCollator(pad_id))
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs
         )
@@ -36,14 +53,37 @@ class MDPOTrainer(Trainer):
         self.loss_is_scaled_for_ga = False  # the loss is a per-example mean: Trainer divides by accumulation steps
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
 
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset or self.train_dataset
+        lengths = [packed_length(ex, self.args.prefix_sharing) for ex in dataset.examples]
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(lengths, self.args.per_device_train_batch_size, seed)
+
+    def answer_tokens(self, model, inputs, features=None):
+        """`(hidden [M, H], labels [M], segment_ids [M], num_examples)` of the batch's answer tokens."""
+        if not self.args.packing:
+            return padded_answer_tokens(model, inputs)
+        return packed_answer_tokens(model, inputs, image_features(model, inputs) if features is None else features)
+
+    def reference_logps(self, inputs, features=None) -> torch.Tensor:
+        """`[B, 3]` reference log-probs of a batch (used to precompute, and live for full fine-tuning)."""
+        with reference_context(self.model, self.reference_model):
+            target = self.reference_model or self.model
+            hidden, labels, segment_ids, num_examples = self.answer_tokens(target, inputs, features)
+            head = unwrap(target).get_output_embeddings()
+            return segment_logps(linear_token_logprobs(hidden, head.weight, labels, bias=head.bias), segment_ids,
+                                 num_examples)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        ref_logps = ref_hidden = None
-        with reference_context(model, self.reference_model):
-            if self.reference_model is None:  # LoRA: same LM head, so the reference rows join the fused launch
-                ref_hidden = answer_tokens(model, inputs)[0]
-            else:
-                ref_logps = padded_branch_logps(self.reference_model, inputs)
-        hidden, labels, segment_ids, num_examples = answer_tokens(model, inputs)
+        # Frozen vision tower and projector: one encode per image serves policy and reference.
+        features = image_features(model, inputs) if self.args.packing else None
+        ref_logps, ref_hidden = inputs.get("ref_logps"), None
+        if ref_logps is None and self.reference_model is None:  # LoRA: same LM head, one fused launch
+            with reference_context(model, None):
+                ref_hidden = self.answer_tokens(model, inputs, features)[0]
+        elif ref_logps is None:
+            ref_logps = self.reference_logps(inputs, features)
+        hidden, labels, segment_ids, num_examples = self.answer_tokens(model, inputs, features)
         head = unwrap(model).get_output_embeddings()
         args = self.args
         loss, metrics = fused_linear_mdpo_loss(
@@ -52,10 +92,19 @@ class MDPOTrainer(Trainer):
         )
         for name in METRIC_NAMES:
             self._metrics[name].append(metrics[name])
+        self._count(inputs["stats"], live_reference="ref_logps" not in inputs)
         return (loss, metrics) if return_outputs else loss
+
+    def _count(self, stats: torch.Tensor, live_reference: bool) -> None:
+        tokens, padding, images = stats.tolist()
+        forwards = 2 if live_reference else 1
+        self._metrics["tokens/model"].append(torch.tensor(float((tokens + padding) * forwards)))
+        self._metrics["tokens/padding_share"].append(torch.tensor(padding / (tokens + padding)))
+        # packed: each distinct image once per step; padded: every row's image in every forward
+        self._metrics["images/encoded"].append(torch.tensor(float(images * (1 if self.args.packing else forwards))))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._metrics and "loss" in logs:  # training logs: mean of the metrics since the last log
-            logs.update({k: torch.stack(v).mean().item() for k, v in self._metrics.items()})
+            logs.update({k: torch.stack(v).float().mean().item() for k, v in self._metrics.items()})
             self._metrics.clear()
         super().log(logs, start_time)

@@ -95,15 +95,19 @@ def test_save_and_resume_reproduce_the_same_steps(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_finetuning_keeps_a_frozen_reference(tmp_path):
+@pytest.mark.parametrize("precompute", [False, True], ids=["live-reference", "precomputed"])
+def test_full_finetuning_keeps_a_frozen_reference(tmp_path, precompute):
     model, processor = build_tiny_model()
     before = model.lm_head.weight.detach().clone()
     vision_before = next(model.model.vision_tower.parameters()).detach().clone()
     args = _config(tmp_path, use_lora=False, max_steps=3, learning_rate=1e-3, per_device_train_batch_size=4,
-                   save_strategy="no", logging_steps=1)
+                   save_strategy="no", logging_steps=1, precompute_ref_logps=precompute)
     trainer = run_training(args, model, processor, demo_records(n=12), source="demo")
     assert not torch.equal(trainer.model.lm_head.weight, before)  # the policy trained
-    torch.testing.assert_close(trainer.reference_model.lm_head.weight, before)  # the reference did not
+    if precompute:
+        assert trainer.reference_model is None  # the copy is freed once its log-probs are cached
+    else:
+        torch.testing.assert_close(trainer.reference_model.lm_head.weight, before)  # the reference did not train
     torch.testing.assert_close(next(trainer.model.model.vision_tower.parameters()), vision_before)
     first = trainer.state.log_history[0]
     assert first["rewards/chosen"] == 0 and first["rewards/margins"] == 0  # step 1: policy == reference

@@ -1,0 +1,80 @@
+"""The published mDPO training step, reimplemented faithfully as the baseline of the step benchmark.
+
+As mDPO's trainer does it (a TRL DPOTrainer subclass): chosen and rejected padded together into one
+forward, the corrupted-image branch in a second, fp32 logits materialised for every position, log-probs
+gathered from a full log-softmax, every image re-encoded in every forward, and both forwards again
+with adapters disabled for the reference. Same objective (`mdpo_loss`), so only the data flow differs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mdpo_fast.collate import IGNORE_INDEX, concat_image_inputs
+from mdpo_fast.loss import mdpo_loss
+from mdpo_fast.modeling import reference_context
+from mdpo_fast.trainer import MDPOTrainer
+
+
+def _padded(rows, images, pad_id):
+    width = max(len(p) + len(a) for p, a in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for r, (prompt, answer) in enumerate(rows):
+        n = len(prompt) + len(answer)
+        input_ids[r, :n] = torch.tensor(prompt + answer)
+        mask[r, :n] = 1
+        labels[r, len(prompt):n] = torch.tensor(answer)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, **concat_image_inputs(images)}
+
+
+class PublishedCollator:
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items):
+        exs = [it["example"] for it in items]
+        pair = _padded([(e.prompt_ids, e.chosen_ids) for e in exs] + [(e.prompt_ids, e.rejected_ids) for e in exs],
+                       [it["image"] for it in items] * 2, self.pad_token_id)
+        corrupted = _padded([(e.prompt_ids, e.chosen_ids) for e in exs], [it["corrupted_image"] for it in items],
+                            self.pad_token_id)
+        tokens = pair["input_ids"].numel() + corrupted["input_ids"].numel()
+        real = int(pair["attention_mask"].sum() + corrupted["attention_mask"].sum())
+        return {"pair": pair, "corrupted": corrupted,
+                "stats": torch.tensor([real, tokens - real, 3 * len(items)])}
+
+
+def sequence_logps(model, batch) -> torch.Tensor:
+    """Sum of answer-token log-probs per row, from full fp32 logits."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits.to(torch.float32)  # [rows, T, V]
+    labels = batch["labels"][:, 1:].clone()
+    mask = labels != IGNORE_INDEX
+    labels[~mask] = 0
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, labels[..., None]).squeeze(2)
+    return (logp * mask).sum(-1)
+
+
+def published_logps(model, batch) -> torch.Tensor:
+    pair = sequence_logps(model, batch["pair"])
+    b = pair.shape[0] // 2
+    return torch.stack([pair[:b], pair[b:], sequence_logps(model, batch["corrupted"])], dim=1)
+
+
+class PublishedStepTrainer(MDPOTrainer):
+    """`MDPOTrainer` with the published step's data flow; the loop, optimizer and loss are the same."""
+
+    def __init__(self, model, args, train_dataset, processing_class, **kwargs):
+        pad_id = processing_class.tokenizer.pad_token_id or 0
+        super().__init__(model, args, train_dataset, processing_class,
+                         data_collator=PublishedCollator(pad_id), **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with reference_context(model, self.reference_model):
+            ref_logps = published_logps(self.reference_model or model, inputs)
+        policy_logps = published_logps(model, inputs)
+        a = self.args
+        loss, metrics = mdpo_loss(policy_logps, ref_logps, beta=a.beta, anchor=a.anchor, weights=a.loss_weights)
+        self._count(inputs["stats"], live_reference=True)
+        return (loss, metrics) if return_outputs else loss

@@ -1,0 +1,193 @@
+"""Layer 3 (fast path): the three branches of a batch packed back to back, with no padding inside a row.
+
+With prefix sharing an example becomes two units:
+    [prefix(m)][chosen][rejected]     rejected attends to the prefix and itself, never to chosen;
+                                      its positions continue from the end of the prefix
+    [prefix(m')][chosen]              the corrupted-image branch
+Without it, three units `[prefix(m)][chosen]`, `[prefix(m)][rejected]`, `[prefix(m')][chosen]`. Units
+fill rows of at most `max_tokens_per_batch` tokens, balanced so rows are near equal; rows are padded
+only at their ends to stack.
+
+Every answer token gets the flat index of the hidden state that predicts it (the previous token of
+its own sequence, which for the first rejected token is the last prefix token, not the row's
+previous token), its id, and its segment id `3 * example + branch`, as the fused loss takes them.
+Each image is encoded once: `image_inputs` hold the distinct images, `image_order` maps every image
+placeholder block, in row-major order, to one of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mdpo_fast.collate import concat_image_inputs
+from mdpo_fast.loss import CHOSEN, CORRUPTED, NUM_BRANCHES, REJECTED
+
+# Role of a token inside its unit, for the one attention rule beyond causality.
+PREFIX, FIRST_ANSWER, SECOND_ANSWER = 0, 1, 2
+
+
+@dataclass
+class _Row:
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    units: list[int] = field(default_factory=list)
+    roles: list[int] = field(default_factory=list)
+
+
+def example_units(ex, prefix_sharing: bool) -> list[tuple]:
+    """`(prefix_ids, image ("image" | "corrupted_image"), [(answer_ids, branch), ...])` per unit."""
+    if prefix_sharing:
+        return [
+            (ex.prompt_ids, "image", [(ex.chosen_ids, CHOSEN), (ex.rejected_ids, REJECTED)]),
+            (ex.prompt_ids, "corrupted_image", [(ex.chosen_ids, CORRUPTED)]),
+        ]
+    return [
+        (ex.prompt_ids, "image", [(ex.chosen_ids, CHOSEN)]),
+        (ex.prompt_ids, "image", [(ex.rejected_ids, REJECTED)]),
+        (ex.prompt_ids, "corrupted_image", [(ex.chosen_ids, CORRUPTED)]),
+    ]
+
+
+def unit_length(unit) -> int:
+    prefix, _, answers = unit
+    return len(prefix) + sum(len(a) for a, _ in answers)
+
+
+def packed_length(ex, prefix_sharing: bool = True) -> int:
+    """Tokens the example puts through the model in the packed layout."""
+    return sum(unit_length(u) for u in example_units(ex, prefix_sharing))
+
+
+def attention_mask(units: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
+    """`[R, 1, L, L]` bool, True where query i may attend key j: same unit, j <= i, and never from the
+    second answer of a unit to the first one (rejected does not see chosen)."""
+    length = units.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=units.device).tril()
+    same = units[:, :, None] == units[:, None, :]
+    crossing = (roles[:, :, None] == SECOND_ANSWER) & (roles[:, None, :] == FIRST_ANSWER)
+    return (same & causal & ~crossing)[:, None]
+
+
+def balance_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Unit indices per row: as few rows as the budget allows, units longest first into the shortest row
+    with room (a new row when none has), so rows come out nearly equal and stacking them pads little.
+    """
+    n_rows = -(-sum(lengths) // max_tokens)
+    rows: list[list[int]] = [[] for _ in range(n_rows)]
+    used = [0] * n_rows
+    for u in sorted(range(len(lengths)), key=lambda u: -lengths[u]):
+        fits = [r for r in range(len(rows)) if used[r] + lengths[u] <= max_tokens]
+        if not fits:
+            rows.append([])
+            used.append(0)
+            fits = [len(rows) - 1]
+        r = min(fits, key=lambda r: used[r])
+        rows[r].append(u)
+        used[r] += lengths[u]
+    return [sorted(row) for row in rows]  # units keep their batch order within a row
+
+
+def dense_row_tokens(hidden_size: int) -> int:
+    """Row length at which dense-mask attention stays cheap next to the linear layers.
+
+    Per token and layer the linear layers cost about `24 d^2` FLOPs and dense attention over a row of
+    length L about `4 L d`, all of it computed whatever the mask hides: rows up to `2 d` keep the
+    masked-out share under a third (256 for a 128-wide toy, 8192 for a 4096-wide 7B model).
+    """
+    return 2 * hidden_size
+
+
+def block_mask(units: torch.Tensor, roles: torch.Tensor):
+    """The same rule as `attention_mask`, as a FlexAttention `BlockMask`: fully masked blocks are skipped,
+    so long rows cost no wasted attention."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def rule(b, h, q, kv):
+        crossing = (roles[b, q] == SECOND_ANSWER) & (roles[b, kv] == FIRST_ANSWER)
+        return (units[b, q] == units[b, kv]) & (kv <= q) & ~crossing
+
+    rows, length = units.shape
+    return create_block_mask(rule, rows, None, length, length, device=units.device)
+
+
+class PackedCollator:
+    """Packs a step's examples into rows of at most `max_tokens_per_batch` tokens. With
+    `dense_row_tokens` (SDPA or eager attention with a dense mask) rows are also capped there, or at the
+    step's longest unit if that is longer."""
+
+    def __init__(self, pad_token_id: int, image_token_id: int, max_tokens_per_batch: int,
+                 prefix_sharing: bool = True, dense_row_tokens: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.image_token_id = image_token_id
+        self.max_tokens = max_tokens_per_batch
+        self.prefix_sharing = prefix_sharing
+        self.dense_row_tokens = dense_row_tokens
+
+    def __call__(self, items: list[dict]) -> dict:
+        units, images = [], []  # units: (example_no, image index, (prefix, image, answers))
+        for example_no, item in enumerate(items):
+            ex = item["example"]
+            for unit in example_units(ex, self.prefix_sharing):
+                if unit_length(unit) > self.max_tokens:
+                    raise ValueError(
+                        f"example {ex.index} needs {unit_length(unit)} tokens in one row, over "
+                        f"max_tokens_per_batch={self.max_tokens}; raise max_tokens_per_batch or lower max_length"
+                    )
+                units.append((example_no, len(images) + (unit[1] == "corrupted_image"), unit))
+            images += [item["image"], item["corrupted_image"]]
+        lengths = [unit_length(u[2]) for u in units]
+        budget = self.max_tokens
+        if self.dense_row_tokens:
+            budget = min(budget, max(self.dense_row_tokens, max(lengths)))
+        assignment = balance_rows(lengths, budget)
+        rows = [_Row() for _ in assignment]
+        image_order, predictor, targets, segments = [], [], [], []  # predictor: (row, column) until stacked
+        for r, (row, row_units) in enumerate(zip(rows, assignment, strict=True)):
+            for u in row_units:
+                example_no, image_index, (prefix, _, answers) = units[u]
+                if self.image_token_id in prefix:
+                    image_order.append(image_index)
+                start = len(row.ids)
+                row.ids += prefix
+                row.positions += range(len(prefix))
+                row.roles += [PREFIX] * len(prefix)
+                for k, (answer, branch) in enumerate(answers):
+                    col = len(row.ids)
+                    row.ids += answer
+                    row.positions += range(len(prefix), len(prefix) + len(answer))
+                    row.roles += [FIRST_ANSWER if k == 0 else SECOND_ANSWER] * len(answer)
+                    # token j of the answer is predicted by token j-1, the first one by the prefix's last token
+                    predictor += [(r, start + len(prefix) - 1)] + [(r, col + j) for j in range(len(answer) - 1)]
+                    targets += answer
+                    segments += [NUM_BRANCHES * example_no + branch] * len(answer)
+                row.units += [u] * (len(row.ids) - start)
+        width = max(len(row.ids) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        unit_ids = -1 - torch.arange(len(rows) * width).view(len(rows), width)  # padding: a unit of its own
+        roles = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            n = len(row.ids)
+            input_ids[r, :n] = torch.tensor(row.ids)
+            position_ids[r, :n] = torch.tensor(row.positions)
+            unit_ids[r, :n] = torch.tensor(row.units)
+            roles[r, :n] = torch.tensor(row.roles)
+        n_tokens = sum(len(row.ids) for row in rows)
+        batch = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "unit_ids": unit_ids,  # with roles: the attention layout, made into a mask on the device
+            "roles": roles,
+            "predictor_index": torch.tensor([r * width + c for r, c in predictor]),
+            "target_ids": torch.tensor(targets),
+            "segment_ids": torch.tensor(segments),
+            "image_order": torch.tensor(image_order),
+            "example_index": torch.tensor([item["example"].index for item in items]),
+            "stats": torch.tensor([n_tokens, input_ids.numel() - n_tokens, len(images)]),
+            **concat_image_inputs(images),
+        }
+        if "ref_logps" in items[0]:
+            batch["ref_logps"] = torch.stack([item["ref_logps"] for item in items])
+        return batch

@@ -1,0 +1,68 @@
+"""Reference log-probs computed once before training, kept in the output directory, read back each step.
+
+Possible because the corrupted image is a pure function of (seed, example index): each example's
+three reference sums never change. Parts are written atomically as they are computed, so an
+interrupted pass resumes where it stopped; a fingerprint of everything the numbers depend on keeps a
+changed run from reading stale values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("mdpo_fast")
+
+
+def fingerprint(args, examples) -> str:
+    h = hashlib.sha256()
+    settings = [args.model_name_or_path, args.model_dtype, args.corruption_seed, list(args.corruption_area),
+                list(args.corruption_ratio), args.attn_implementation]
+    h.update(json.dumps(settings, default=str).encode())
+    for ex in examples:
+        h.update(json.dumps([ex.index, ex.prompt_ids, ex.chosen_ids, ex.rejected_ids]).encode())
+    return h.hexdigest()[:16]
+
+
+class RefLogpStore:
+    """`{example index: [3] fp32}` backed by `part-*.pt` files in `directory`."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.values: dict[int, torch.Tensor] = {}
+        for part in sorted(directory.glob("part-*.pt")):
+            data = torch.load(part, map_location="cpu")
+            self.values.update(zip(data["index"].tolist(), data["logps"].unbind(), strict=True))
+
+    def add(self, indices: torch.Tensor, logps: torch.Tensor) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        part = self.directory / f"part-{len(list(self.directory.glob('part-*.pt'))):06d}.pt"
+        tmp = part.with_suffix(".tmp")
+        torch.save({"index": indices.cpu(), "logps": logps.detach().float().cpu()}, tmp)
+        os.replace(tmp, part)  # a killed run leaves a whole part or none
+        self.values.update(zip(indices.tolist(), logps.detach().float().cpu().unbind(), strict=True))
+
+
+def precompute_ref_logps(trainer) -> dict[int, torch.Tensor]:
+    """Fill the store for every training example missing from it; returns all values."""
+    args, dataset = trainer.args, trainer.train_dataset
+    store = RefLogpStore(Path(args.output_dir) / "ref_logps" / fingerprint(args, dataset.examples))
+    # In the first epoch's step order: the reference sees the same rows as the policy will, so at step 1
+    # (policy == reference) the rewards are exact zeros, as with a live reference.
+    order = list(trainer._get_train_sampler())
+    missing = [i for i in order if dataset.examples[i].index not in store.values]
+    if store.values:
+        logger.info("reference log-probs: %d cached, %d to compute", len(store.values), len(missing))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, missing), batch_size=args.per_device_train_batch_size,
+        collate_fn=trainer.data_collator, num_workers=args.dataloader_num_workers,
+    )
+    for batch in loader:
+        batch = trainer._prepare_inputs(batch)
+        store.add(batch["example_index"], trainer.reference_logps(batch))
+    return store.values

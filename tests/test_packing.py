@@ -1,0 +1,205 @@
+"""The packed layout: hand-checked on a toy example, and exact against the padded path on the tiny model."""
+
+import pytest
+import torch
+
+from mdpo_fast.cli import parse_config
+from mdpo_fast.data import prepare_dataset
+from mdpo_fast.demo_data import demo_records
+from mdpo_fast.examples import Example
+from mdpo_fast.modeling import prepare_model
+from mdpo_fast.packing import PackedCollator, attention_mask
+from mdpo_fast.ref_cache import RefLogpStore, precompute_ref_logps
+from mdpo_fast.tiny import build_tiny_model
+from mdpo_fast.trainer import MDPOTrainer
+
+IMG = 9
+
+
+def _item(index, prompt, chosen, rejected):
+    return {"example": Example(index, None, prompt, chosen, rejected),
+            "image": {"pixel_values": torch.zeros(1, 3, 2, 2)},
+            "corrupted_image": {"pixel_values": torch.ones(1, 3, 2, 2)}}
+
+
+def test_shared_prefix_layout_by_hand():
+    batch = PackedCollator(0, IMG, 100)([_item(7, (5, IMG, IMG, 6), (10, 11), (20, 21, 22))])
+    #       prefix(m)      chosen   rejected      prefix(m')      chosen
+    assert batch["input_ids"].tolist() == [[5, 9, 9, 6, 10, 11, 20, 21, 22, 5, 9, 9, 6, 10, 11]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 4, 5, 6, 0, 1, 2, 3, 4, 5]]
+    # the first rejected token is predicted by the last prefix token (3), not by chosen's last token (5)
+    assert batch["predictor_index"].tolist() == [3, 4, 3, 6, 7, 12, 13]
+    assert batch["target_ids"].tolist() == [10, 11, 20, 21, 22, 10, 11]
+    assert batch["segment_ids"].tolist() == [0, 0, 1, 1, 1, 2, 2]
+    assert batch["image_order"].tolist() == [0, 1] and batch["example_index"].tolist() == [7]
+    mask = attention_mask(batch["unit_ids"], batch["roles"])[0, 0]
+    assert mask[6, :4].all() and not mask[6, 4:6].any() and mask[6, 6]  # rejected: prefix and itself
+    assert mask[5, :6].all() and not mask[5, 6:].any()  # chosen: causal over prefix and itself
+    assert not mask[9:, :9].any() and mask[14, 9:].all()  # the corrupted unit sees only itself
+
+
+def test_units_fill_rows_and_pad_only_at_the_end():
+    items = [_item(i, (1, IMG, 2), (3,) * (i + 1), (4, 4)) for i in range(4)]
+    batch = PackedCollator(0, IMG, 12, prefix_sharing=False)(items)
+    ids, mask = batch["input_ids"], attention_mask(batch["unit_ids"], batch["roles"])
+    tokens, padding, images = batch["stats"].tolist()
+    assert ids.shape[1] <= 12 and tokens + padding == ids.numel() and images == 8
+    # m twice and m' once per example (rows reorder units; the model tests check the placement)
+    assert sorted(batch["image_order"].tolist()) == [0, 0, 1, 2, 2, 3, 4, 4, 5, 6, 6, 7]
+    assert ids.shape[0] > 1  # the step did not fit one row
+    for row in ids.tolist():  # no real token is 0 here: padding (0) only after the last real token
+        real = len(row) - row[::-1].index(next(t for t in row[::-1] if t != 0))
+        assert 0 not in row[:real]
+    assert mask.shape == (ids.shape[0], 1, ids.shape[1], ids.shape[1])
+    with pytest.raises(ValueError, match="example 3 needs 7 tokens in one row, over max_tokens_per_batch=6"):
+        PackedCollator(0, IMG, 6, prefix_sharing=False)(items)
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tmp_path_factory):
+    model, processor = build_tiny_model()
+    args = parse_config([], {"output_dir": str(tmp_path_factory.mktemp("o")), "use_cpu": True, "lora_r": 4,
+                             "lora_alpha": 8, "report_to": "none"})
+    policy, _ = prepare_model(model, args)
+    torch.manual_seed(1)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:  # adapters that do something: policy != reference
+            p.data.normal_(0, 0.05)
+    dataset = prepare_dataset(args, processor, records=demo_records(n=6, seed=5), source="demo")
+    return policy, processor, dataset
+
+
+def _step(policy, processor, dataset, tmp_path, ref_logps=None, **layout):
+    args = parse_config([], {"output_dir": str(tmp_path), "use_cpu": True, "report_to": "none", "lora_r": 4,
+                             "lora_alpha": 8, "max_tokens_per_batch": 300, **layout})
+    trainer = MDPOTrainer(policy, args, dataset, processor)
+    items = [dataset[i] for i in range(len(dataset))]
+    if ref_logps is not None:
+        for item in items:
+            item["ref_logps"] = ref_logps[item["example"].index]
+    batch = trainer.data_collator(items)
+    policy.zero_grad()
+    loss, metrics = trainer.compute_loss(policy, batch, return_outputs=True)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+    return loss.detach(), metrics, grads, trainer
+
+
+LAYOUTS = [
+    pytest.param({"packing": True, "prefix_sharing": True}, id="packed-shared-prefix"),
+    pytest.param({"packing": True, "prefix_sharing": False}, id="packed-no-sharing"),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("reference", ["live", "precomputed"])
+def test_packed_equals_padded(lora_setup, tmp_path, layout, reference):
+    policy, processor, dataset = lora_setup
+    want_loss, want, want_grads, _ = _step(policy, processor, dataset, tmp_path / "a", packing=False)
+    ref = None
+    if reference == "precomputed":
+        _, _, _, trainer = _step(policy, processor, dataset, tmp_path / "b", **layout)
+        ref = precompute_ref_logps(trainer)
+        assert len(ref) == len(dataset)
+    loss, got, grads, _ = _step(policy, processor, dataset, tmp_path / "c", ref_logps=ref, **layout)
+    assert layout["packing"] and want["policy_logps"].shape == (6, 3)
+    torch.testing.assert_close(got["policy_logps"], want["policy_logps"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["ref_logps"], want["ref_logps"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want["policy_logps"], want["ref_logps"])  # the adapters matter
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for name in ("rewards/chosen", "rewards/margins", "rewards/imageless_margins", "logps/imageless_chosen"):
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert grads.keys() == want_grads.keys() and len(grads) > 0
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_precompute_resumes_and_is_keyed_by_fingerprint(lora_setup, tmp_path, monkeypatch):
+    policy, processor, dataset = lora_setup
+    _, _, _, trainer = _step(policy, processor, dataset, tmp_path, packing=True)
+    trainer.args.per_device_train_batch_size = 2
+    full = precompute_ref_logps(trainer)
+    cache = next((tmp_path / "ref_logps").iterdir())
+    assert len(list(cache.glob("part-*.pt"))) == 3
+
+    interrupted = tmp_path / "interrupted"
+    trainer.args.output_dir = str(interrupted)
+    calls = []
+    real_add = RefLogpStore.add
+
+    def add_then_die(self, indices, logps):
+        real_add(self, indices, logps)
+        calls.append(len(indices))
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # killed after the first part
+    monkeypatch.setattr(RefLogpStore, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        precompute_ref_logps(trainer)
+    monkeypatch.setattr(RefLogpStore, "add", real_add)
+    computed = []
+    monkeypatch.setattr(trainer, "reference_logps", lambda batch, f=trainer.reference_logps: computed.append(
+        len(batch["example_index"])) or f(batch))
+    resumed = precompute_ref_logps(trainer)
+    assert sum(computed) == 4  # only the four examples the first run did not finish
+    for index, value in full.items():
+        torch.testing.assert_close(resumed[index], value)
+
+    trainer.args.corruption_seed += 1  # other corrupted images: other numbers, another cache
+    precompute_ref_logps(trainer)
+    assert len(list((interrupted / "ref_logps").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_demo_logs_the_same_metrics_packed_or_padded(tmp_path):
+    from mdpo_fast.cli import DEMO_DEFAULTS, run_training
+    from mdpo_fast.loss import METRIC_NAMES
+
+    logs = {}
+    for name, layout in (("padded", {"packing": False, "precompute_ref_logps": False}), ("default", {})):
+        model, processor = build_tiny_model()
+        args = parse_config([], {**DEMO_DEFAULTS, "output_dir": str(tmp_path / name), "max_steps": 2,
+                                 "logging_steps": 1, "disable_tqdm": True, "report_to": "none", **layout})
+        trainer = run_training(args, model, processor, demo_records(n=64), source="demo")
+        logs[name] = [e for e in trainer.state.log_history if "loss" in e and "rewards/chosen" in e]
+    assert len(logs["padded"]) == len(logs["default"]) == 2
+    for padded, default in zip(logs["padded"], logs["default"], strict=True):
+        for name in ("loss", *METRIC_NAMES):
+            assert default[name] == pytest.approx(padded[name], rel=1e-4, abs=1e-6), name
+        assert default["tokens/model"] < padded["tokens/model"] / 2
+        assert default["images/encoded"] == padded["images/encoded"] / 3  # m, m' once vs 3 rows x 2 forwards
+
+
+def test_rows_are_balanced():
+    from mdpo_fast.packing import balance_rows
+
+    rows = balance_rows([700, 650, 600, 500, 400, 300, 200, 100], max_tokens=2000)
+    loads = sorted(sum([700, 650, 600, 500, 400, 300, 200, 100][u] for u in row) for row in rows)
+    assert len(rows) == 2 and loads == [1700, 1750]  # ceil(3450 / 2000) rows, near equal
+    assert all(row == sorted(row) for row in rows)
+
+
+@pytest.mark.slow
+def test_tokens_through_the_model_against_the_published_step():
+    from benchmarks.token_counts import token_counts
+
+    counts = token_counts(n=600)
+    assert counts["default (packed, shared prefix, precomputed reference)"]["ratio"] <= 0.5
+    assert counts["packed, shared prefix, live reference"]["ratio"] <= 0.7
+
+
+def test_flex_attention_block_mask_matches_the_dense_mask(lora_setup):
+    # FlexAttention trains only on GPU (no CPU backward); its forward runs here, and must agree with SDPA.
+    from mdpo_fast.modeling import image_features, packed_answer_tokens
+
+    policy, processor, dataset = lora_setup
+    batch = PackedCollator(0, processor.image_token_id, 4096)([dataset[i] for i in range(4)])
+    base = policy.get_base_model()
+    with torch.no_grad():
+        features = image_features(policy, batch)
+        dense, *_ = packed_answer_tokens(policy, batch, features)
+        base.set_attn_implementation("flex_attention")
+        try:
+            flex, *_ = packed_answer_tokens(policy, batch, features)
+        finally:
+            base.set_attn_implementation("sdpa")
+    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
