@@ -11,7 +11,6 @@ tail padding included; a precomputed reference costs one pass over the data in a
 
 from __future__ import annotations
 
-import json
 import random
 
 import torch
@@ -77,7 +76,18 @@ def token_counts(n: int = 2000, batch_size: int = 8, epochs: int = 3, max_tokens
     return {name: {"tokens_per_example": v, "ratio": v / per_example["published"]} for name, v in per_example.items()}
 
 
-if __name__ == "__main__":
-    for name, row in token_counts().items():
+def main() -> None:
+    from pathlib import Path
+
+    from benchmarks.record import result_row, write_result
+
+    rows = token_counts()
+    for name, row in rows.items():
         print(f"{row['tokens_per_example']:9.0f} tokens/example  {row['ratio']:.3f}x  {name}")
-    print(json.dumps({"bench": "token_counts", "rows": token_counts()}))
+    shape = {"examples": 2000, "batch": 8, "epochs": 3, "image_tokens": IMAGE_TOKENS}
+    write_result(Path(__file__).parent / "results" / "token_counts.jsonl",
+                 result_row("token_counts", device="cpu", dtype="-", shape=shape, rows=rows))
+
+
+if __name__ == "__main__":
+    main()
