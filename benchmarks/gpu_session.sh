@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call of the device tool:
 #   run(command="bash benchmarks/gpu_session.sh")
-# GPU tests (compiled kernels at realistic shapes), then the kernel benchmark. Results go to
-# benchmarks/results/ on the machine and to $OUT, which the device tool brings back.
+# GPU tests (compiled kernels at realistic shapes), the kernel benchmarks (issue shapes and a sweep
+# with plots) and the LLaVA-1.5-7B-architecture step. Results go to $OUT, which the tool brings back;
+# copy them into benchmarks/results/ and run `python -m benchmarks.report` to refresh the README.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 TRITON_DEFAULT_FP_FUSION=1
@@ -12,5 +13,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv |
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log"
-python3 -m benchmarks.kernels --device cuda --results "$OUT/kernels.jsonl" 2>&1 | tee "$OUT/kernels.log"
-cp "$OUT/kernels.jsonl" benchmarks/results/ 2>/dev/null || true
+python3 -m benchmarks.kernels --device cuda --results "$OUT" 2>&1 | tee "$OUT/kernels.log"
+python3 -m benchmarks.kernels --device cuda --op linear mdpo --sweep --results "$OUT" 2>&1 | tee -a "$OUT/kernels.log"
+python3 -m benchmarks.step --model llava-1.5-7b --results "$OUT" 2>&1 | tee "$OUT/step.log"

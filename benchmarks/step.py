@@ -1,13 +1,16 @@
 """One optimizer step: the published mDPO data flow vs mdpo-fast, same model, data, steps and device.
 
-    python -m benchmarks.step --quick     # CPU, tiny model: ends with `speedup=<x> memory_ratio=<y>`
+    python -m benchmarks.step --quick                   # CPU, tiny model: ends with `speedup=<x> memory_ratio=<y>`
+    python -m benchmarks.step --model llava-1.5-7b      # GPU: random weights in LLaVA-1.5-7B's shapes, bf16
 
 Providers, each in a fresh process: `published` (benchmarks/published_step.py), `padded` (mdpo-fast's
 plain path: 3B padded rows, live reference, fused loss) and `mdpo_fast` (the defaults: packed rows,
 shared prefix, each image encoded once, reference log-probs precomputed; the precompute pass is
-timed apart). Data: a synthetic length mix shaped like LLaVA-1.5 on RLAIF-V, scaled to the tiny
-model (16 image tokens, prompts of 5-20 words, answers of 8-75). Memory is the peak RSS of the
-process (CPU) or peak allocated GPU memory.
+timed apart). Data: a synthetic length mix shaped like LLaVA-1.5 on RLAIF-V: 576 image tokens,
+prompts of 20-80 words and answers of 30-300 for the 7B model; scaled by 1/4 for the tiny one (16
+image tokens). Memory is the peak RSS of the process (CPU) or peak allocated GPU memory. On GPU,
+MFU counts `6 * P * T` FLOPs per step for the language model's P parameters and the T answer-and-
+prompt tokens of the step's examples (each counted once), against the measured dense bf16 rate.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ LAYOUT = {
 }
 
 
-def length_mix_records(n: int, seed: int = 0):
-    """Synthetic records: one of the demo images, a prompt of 5-20 words, answers of 8-75 words."""
+def length_mix_records(n: int, seed: int = 0, scale: float = 0.25):
+    """Synthetic records: one of the demo images, a prompt of 20-80 words, answers of 30-300 words (x scale)."""
     from mdpo_fast.demo_data import demo_rows
     from mdpo_fast.records import parse_record
     from mdpo_fast.tiny import _WORDS
@@ -40,13 +43,39 @@ def length_mix_records(n: int, seed: int = 0):
     images = [row["image"] for row in demo_rows(16, seed)]
 
     def words(lo, hi):
-        return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi))).capitalize() + "."
+        return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(int(lo * scale), int(hi * scale)))) + "."
 
-    return [parse_record({"image": rng.choice(images), "question": words(5, 20), "chosen": words(8, 75),
-                          "rejected": words(8, 75)}, i) for i in range(n)]
+    return [parse_record({"image": rng.choice(images), "question": words(20, 80), "chosen": words(30, 300),
+                          "rejected": words(30, 300)}, i) for i in range(n)]
 
 
-def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int, out_dir: str) -> dict:
+def build_llava_7b(device: str):
+    """Random weights in LLaVA-1.5-7B's shapes (CLIP ViT-L/14-336 + Llama-2-7B), bf16, built in code."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from mdpo_fast.tiny import build_processor
+
+    processor = build_processor(image_size=336, patch_size=14)  # 576 image tokens, as LLaVA-1.5
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       pad_token_id=processor.tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=processor.image_token_id,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    config._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model, processor
+
+
+def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int, out_dir: str,
+                 model_name: str = "tiny") -> dict:
     import torch
     from transformers import TrainerCallback
 
@@ -59,14 +88,16 @@ def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int
     from mdpo_fast.trainer import MDPOTrainer
 
     torch.manual_seed(0)
-    model, processor = build_tiny_model()
+    gpu = model_name != "tiny"
+    model, processor = build_llava_7b("cuda") if gpu else build_tiny_model()
     args = parse_config([], {
-        "output_dir": out_dir, "use_cpu": not torch.cuda.is_available(), "max_steps": warmup + steps,
-        "per_device_train_batch_size": batch_size, "learning_rate": 1e-4, "lora_r": 16, "lora_alpha": 32,
-        "save_strategy": "no", "logging_steps": 10_000, "report_to": "none", "disable_tqdm": True,
-        "max_length": 512, **LAYOUT[provider],
+        "output_dir": out_dir, "use_cpu": not gpu, "max_steps": warmup + steps, "bf16": gpu,
+        "per_device_train_batch_size": batch_size, "learning_rate": 1e-4, "lora_r": 64 if gpu else 16,
+        "lora_alpha": 128 if gpu else 32, "save_strategy": "no", "logging_steps": 10_000, "report_to": "none",
+        "disable_tqdm": True, "max_length": 2048 if gpu else 512, **LAYOUT[provider],
     })
-    dataset = prepare_dataset(args, processor, records=length_mix_records(n), source="length mix")
+    records = length_mix_records(n, scale=1.0 if gpu else 0.25)
+    dataset = prepare_dataset(args, processor, records=records, source="length mix")
     policy, reference = prepare_model(model, args)
     cls = PublishedStepTrainer if provider == "published" else MDPOTrainer
     trainer = cls(policy, args, dataset, processor, reference_model=reference)
@@ -86,17 +117,28 @@ def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int
             times.append(time.perf_counter() - self.start)
 
     trainer.add_callback(Clock())
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     real_count = trainer._count
     trainer._count = lambda stats, live_reference: (
         tokens.append(int(stats[0] + stats[1]) * (2 if live_reference else 1)), real_count(stats, live_reference))
     trainer.train()
     measured = sorted(times[warmup:])
     step_s = measured[len(measured) // 2]
-    return {
+    row = {
         "provider": provider, "step_s_median": step_s, "examples_per_s": batch_size / step_s,
-        "tokens_per_step": sum(tokens[warmup:]) / steps, "precompute_s": precompute_s,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "tokens_per_step": sum(tokens[warmup:]) / steps, "tokens_per_s": sum(tokens[warmup:]) / steps / step_s,
+        "precompute_s": precompute_s, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if gpu:
+        from benchmarks.kernels import matmul_tflops
+
+        lm_params = sum(p.numel() for n_, p in model.named_parameters() if "language_model" in n_)
+        useful = sum(len(e.prompt_ids) * 2 + 2 * len(e.chosen_ids) + len(e.rejected_ids)
+                     for e in dataset.examples) / len(dataset) * batch_size  # tokens per step, each once
+        row["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        row["mfu"] = 6 * lm_params * useful / step_s / 1e12 / matmul_tflops("cuda", torch.bfloat16)
+    return row
 
 
 def main() -> None:
@@ -107,19 +149,21 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--examples", type=int, default=160)
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS))
+    parser.add_argument("--model", default="tiny", choices=["tiny", "llava-1.5-7b"])
+    parser.add_argument("--results", type=Path, default=RESULTS.parent)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out_dir", default="/tmp/mdpo-step-bench", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         row = run_provider(args.child, args.steps, args.warmup, args.batch_size, args.examples,
-                           f"{args.out_dir}/{args.child}")
+                           f"{args.out_dir}/{args.child}", args.model)
         print(json.dumps(row))
         return
     rows = {}
     for provider in args.providers:
         cmd = [sys.executable, "-m", "benchmarks.step", "--child", provider, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch_size", str(args.batch_size), "--examples", str(args.examples),
-               "--out_dir", args.out_dir]
+               "--out_dir", args.out_dir, "--model", args.model]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
         if out.returncode:
             sys.exit(f"{provider} failed:\n{out.stderr[-3000:]}")
@@ -132,13 +176,18 @@ def main() -> None:
     for r in rows.values():
         print(f"{r['provider']:10s} {1e3 * r['step_s_median']:9.1f} {r['examples_per_s']:11.1f} "
               f"{r['tokens_per_step']:12.0f} {r['peak_rss_mib']:13.0f} {r['precompute_s']:13.2f}")
-    write_result(RESULTS, result_row("step", device="cpu", dtype="float32",
-                                     shape={"batch": args.batch_size, "examples": args.examples, "model": "tiny"},
-                                     providers=rows))
+    gpu = args.model != "tiny"
+    if gpu:
+        for r in rows.values():
+            print(f"{r['provider']:10s} peak GPU memory {r['peak_gpu_mib']:.0f} MiB, MFU {100 * r['mfu']:.1f}%")
+    write_result(args.results / "step.jsonl", result_row(
+        "step", device="cuda" if gpu else "cpu", dtype="bfloat16" if gpu else "float32",
+        shape={"batch": args.batch_size, "examples": args.examples, "model": args.model}, providers=rows))
     if base and "mdpo_fast" in rows:
         fast = rows["mdpo_fast"]
+        memory = "peak_gpu_mib" if gpu else "peak_rss_mib"
         print(f"speedup={fast['examples_per_s'] / base['examples_per_s']:.2f} "
-              f"memory_ratio={fast['peak_rss_mib'] / base['peak_rss_mib']:.2f}")
+              f"memory_ratio={fast[memory] / base[memory]:.2f}")
 
 
 if __name__ == "__main__":

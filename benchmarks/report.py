@@ -1,0 +1,105 @@
+"""The README's performance table, generated from the newest rows of `benchmarks/results/*.jsonl`.
+
+    python -m benchmarks.report          # rewrites the table between the README's perf-table markers
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+
+
+def _rows(name: str) -> list[dict]:
+    path = RESULTS / name
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _latest(rows: list[dict], key) -> list[dict]:
+    newest = {}
+    for row in rows:  # files are appended in time order: later rows win
+        newest[key(row)] = row
+    return list(newest.values())
+
+
+def _step_lines() -> list[str]:
+    lines = []
+    for row in _latest(_rows("step.jsonl"), lambda r: (r["device"], r["shape"]["model"])):
+        p, model = row["providers"], row["shape"]["model"]
+        fast, base = p["mdpo_fast"], p["published"]
+        memory = "peak_gpu_mib" if "peak_gpu_mib" in fast else "peak_rss_mib"
+        what = "peak GPU memory" if memory == "peak_gpu_mib" else "peak RSS (dominated by the runtime at this size)"
+        extra = f"; MFU {100 * fast['mfu']:.0f}% vs {100 * base['mfu']:.0f}%" if "mfu" in fast else ""
+        command = "python -m benchmarks.step " + ("--quick" if model == "tiny" else f"--model {model}")
+        lines.append(
+            f"| one optimizer step, {model} model, batch {row['shape']['batch']}: mdpo-fast defaults vs the published "
+            f"mDPO data flow | `{command}` | {row['device']} | {fast['examples_per_s']:.1f} vs "
+            f"{base['examples_per_s']:.1f} examples/s (**{fast['examples_per_s'] / base['examples_per_s']:.2f}x**); "
+            f"{fast['tokens_per_step']:.0f} vs {base['tokens_per_step']:.0f} token positions per step; {what} "
+            f"{fast[memory] / base[memory]:.2f}x{extra} |")
+    return lines
+
+
+def _kernel_lines() -> list[str]:
+    lines = []
+    for name in sorted(p.name for p in RESULTS.glob("kernels_*.jsonl")):
+        rows = _latest(_rows(name), lambda r: (r["bench"], r["device"], json.dumps(r["shape"]), r["provider"]))
+        groups = {}
+        for r in rows:
+            groups.setdefault((r["bench"], r["device"], json.dumps(r["shape"]), r["dtype"]), {})[r["provider"]] = r
+        for (bench, device, shape, dtype), by in sorted(groups.items()):
+            fast, base = by.get("mdpo_fast"), by.get("torch")
+            if not fast or not base or fast["peak_extra_mib"] is None:
+                continue
+            s = json.loads(shape)
+            mm = fast.get("matmul_tflops")
+            share = f", {100 * fast['tflops']['full'] / mm:.0f}% of the measured {mm:.0f} TFLOP/s matmul" if mm else ""
+            lines.append(
+                f"| `{bench.removeprefix('kernel_')}` forward + backward, N={s['N']} H={s['H']} V={s['V']} {dtype} | "
+                f"`python -m benchmarks.kernels --op {bench.removeprefix('kernel_')}` | {device} | "
+                f"{fast['ms']['full']['median']:.1f} vs {base['ms']['full']['median']:.1f} ms "
+                f"(**{base['ms']['full']['median'] / fast['ms']['full']['median']:.2f}x** PyTorch with full logits); "
+                f"{fast['tflops']['full']:.0f} TFLOP/s{share}; extra memory {fast['peak_extra_mib']:.0f} vs "
+                f"{base['peak_extra_mib']:.0f} MiB |")
+    return lines
+
+
+def table() -> str:
+    lines = ["| what | command | device | result |", "|---|---|---|---|"]
+    lines += _step_lines()
+    for row in _latest(_rows("token_counts.jsonl"), lambda r: r["bench"]):
+        r = row["rows"]
+        lines.append(
+            "| token positions through the language model per example over 3 epochs, LLaVA-1.5 on RLAIF-V length "
+            "mix, batches of 8 | `python -m benchmarks.token_counts` | - (a count) | defaults **"
+            f"{r['default (packed, shared prefix, precomputed reference)']['ratio']:.2f}x** the published step's "
+            f"padded layout; live reference {r['packed, shared prefix, live reference']['ratio']:.2f}x; no prefix "
+            f"sharing {r['packed, no sharing, live reference']['ratio']:.2f}x |")
+    lines += _kernel_lines()
+    for row in _latest(_rows("logprobs_memory_cpu.jsonl"), lambda r: json.dumps(r["shape"])):
+        s, m = row["shape"], row["peak_extra_mib"]
+        lines.append(
+            f"| `linear_token_logprobs` (chunked PyTorch path) vs full-logits PyTorch, forward + backward peak extra "
+            f"memory, N={s['N']} H={s['H']} V={s['V']} fp32 | `python -m benchmarks.logprobs_memory` | {row['device']} "
+            f"| {m['chunked']:.0f} MiB vs {m['full_logits']:.0f} MiB ({row['ratio']:.2f}x) |")
+    for row in _latest(_rows("demo.jsonl"), lambda r: r["bench"]):
+        a = row["accuracies"]
+        lines.append(f"| `mdpo-fast demo` ({row['shape']['steps']} steps, tiny model), wall time | "
+                     f"`python -m benchmarks.demo` | {row['device']} | {row['seconds']:.0f} s; `rewards/accuracies` "
+                     f"{a[0]:.2f} -> {a[1]:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index(START) + len(START), text.index(END)
+    readme.write_text(text[:start] + "\n" + table() + "\n" + text[end:])
+    print(table())
+
+
+if __name__ == "__main__":
+    main()
