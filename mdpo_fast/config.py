@@ -23,7 +23,8 @@ class MDPOConfig(TrainingArguments):
     attn_implementation: str = field(
         default="sdpa",
         metadata={"help": "Attention backend: sdpa (dense masks; CPU and GPU), flex_attention (block-sparse masks, "
-                  "long packed rows at no extra cost; needs a GPU to train) or eager."},
+                  "long packed rows at no extra cost; needs a GPU to train), flash_attention_2 (varlen; "
+                  "needs flash-attn and --prefix_sharing false) or eager."},
     )
     dataset: str | None = field(
         default=None, metadata={"help": "A .json / .jsonl file, a dataset saved with save_to_disk, or a hub id."}
@@ -96,6 +97,9 @@ class MDPOConfig(TrainingArguments):
                 raise ValueError(f"{name} must be two numbers 0 < low <= high, got {value}")
         if self.corruption_area[1] > 1:
             raise ValueError(f"corruption_area must lie in (0, 1], got {self.corruption_area}")
+        if self.packing and self.prefix_sharing and self.attn_implementation.startswith("flash_attention"):
+            raise ValueError("prefix_sharing needs a mask flash-attn varlen cannot express: use --prefix_sharing "
+                             "false with flash_attention_2, or --attn_implementation flex_attention")
         if self.max_tokens_per_batch < 2:
             raise ValueError(f"max_tokens_per_batch must be at least 2, got {self.max_tokens_per_batch}")
         if self.max_length < 2:

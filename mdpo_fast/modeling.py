@@ -11,7 +11,7 @@ from torch import nn
 from mdpo_fast.collate import IGNORE_INDEX, image_inputs
 from mdpo_fast.logprobs import linear_token_logprobs, segment_logps
 from mdpo_fast.loss import NUM_BRANCHES
-from mdpo_fast.packing import attention_mask, block_mask
+from mdpo_fast.packing import SECOND_ANSWER, attention_mask, block_mask
 
 # An empty index: the model's own LM head computes logits for no position at all.
 _NO_LOGITS = torch.zeros(0, dtype=torch.long)
@@ -157,13 +157,20 @@ def packed_answer_tokens(model: nn.Module, batch: dict, features: list[torch.Ten
         raise ValueError(f"{int(slots.sum())} image tokens in the batch but {placed.shape[0]} image features")
     embeds = embeds.masked_scatter(slots[..., None], placed)
     impl = base.config.get_text_config()._attn_implementation
-    if impl == "flex_attention":
+    positions = batch["position_ids"]
+    if impl.startswith("flash_attention"):
+        # varlen: one flat sequence, segments marked by position ids restarting at 0 (flat indices unchanged)
+        if bool((batch["roles"] == SECOND_ANSWER).any()):
+            raise ValueError("flash-attn varlen cannot express a shared prefix: use --prefix_sharing false, "
+                             "or --attn_implementation flex_attention")
+        embeds, positions, mask = embeds.flatten(0, 1)[None], positions.flatten()[None], None
+    elif impl == "flex_attention":
         mask = block_mask(batch["unit_ids"], batch["roles"])
     else:  # a dense [R, 1, L, L] mask, built here on the batch's device
         mask = attention_mask(batch["unit_ids"], batch["roles"])
         if impl == "eager":  # eager adds the mask to the scores
             mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill_(
                 ~mask, torch.finfo(embeds.dtype).min)
-    inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": batch["position_ids"]}
+    inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
     hidden = last_hidden_states(model, inputs).flatten(0, 1)[batch["predictor_index"]]
     return hidden, batch["target_ids"], batch["segment_ids"], batch["example_index"].shape[0]

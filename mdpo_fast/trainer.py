@@ -37,7 +37,7 @@ class MDPOTrainer(Trainer):
         pad_id = processing_class.tokenizer.pad_token_id or 0
         if "data_collator" not in kwargs and args.packing:
             base = unwrap(model)
-            dense = base.config.get_text_config()._attn_implementation != "flex_attention"  # masked work still done
+            dense = base.config.get_text_config()._attn_implementation in ("sdpa", "eager")  # masked work still done
             hidden_size = base.get_output_embeddings().weight.shape[1]
             kwargs["data_collator"] = PackedCollator(
                 pad_id, base.config.image_token_id, args.max_tokens_per_batch, args.prefix_sharing,

@@ -203,3 +203,40 @@ def test_flex_attention_block_mask_matches_the_dense_mask(lora_setup):
         finally:
             base.set_attn_implementation("sdpa")
     torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_flash_varlen_gets_one_flat_sequence_with_position_resets(lora_setup, monkeypatch):
+    # flash-attn is not installable on CPU: check what our side hands to the model.
+    import mdpo_fast.modeling as modeling
+
+    policy, processor, dataset = lora_setup
+    items = [dataset[i] for i in range(3)]
+    batch = PackedCollator(0, processor.image_token_id, 120, prefix_sharing=False)(items)
+    seen = {}
+
+    def capture(model, inputs):
+        seen.update(inputs)
+        return torch.zeros(*inputs["inputs_embeds"].shape)
+
+    monkeypatch.setattr(modeling, "last_hidden_states", capture)
+    base = policy.get_base_model()
+    monkeypatch.setattr(base.config.get_text_config(), "_attn_implementation", "flash_attention_2")
+    hidden, *_ = modeling.packed_answer_tokens(policy, batch, modeling.image_features(policy, batch))
+    rows, width = batch["input_ids"].shape
+    assert rows > 1 and seen["attention_mask"] is None
+    assert seen["inputs_embeds"].shape[:2] == (1, rows * width)
+    positions = seen["position_ids"][0]
+    starts = (positions == 0).nonzero().squeeze(1).tolist()
+    units = batch["unit_ids"].flatten()
+    unit_starts = [0] + [i for i in range(1, len(units)) if units[i] != units[i - 1]]
+    assert starts == unit_starts  # every unit (and every tail-padding token) starts a new sequence
+    assert hidden.shape[0] == batch["target_ids"].shape[0]
+
+    shared = PackedCollator(0, processor.image_token_id, 120)(items)
+    with pytest.raises(ValueError, match="cannot express a shared prefix"):
+        modeling.packed_answer_tokens(policy, shared, modeling.image_features(policy, shared))
+
+
+def test_flash_with_prefix_sharing_is_refused_at_config_time():
+    with pytest.raises(ValueError, match="prefix_sharing needs a mask flash-attn varlen cannot express"):
+        parse_config([], {"output_dir": "o", "attn_implementation": "flash_attention_2"})
