@@ -199,16 +199,18 @@ def _read_hf_dataset(source: str | Path, split: str):
 
 
 def load_records(
-    source: str | Path, *, image_root: str | Path | None = None, split: str = "train", check_images: bool = True
+    source: str | Path, *, image_root: str | Path | None = None, split: str = "train", check_images: bool = True,
+    rows=None,
 ) -> tuple[list[Record], list[str]]:
     """Read and validate every record. Returns `(records, problems)`, one problem line per bad record.
 
+    `rows`: records already in memory (dicts), named `source` in problem lines; otherwise `source` is read.
     With `check_images`, every image is decoded once here, so a missing or broken file is reported
     before training starts rather than at step N.
     """
     root = Path(image_root) if image_root is not None else None
     records, problems = [], []
-    for index, row in enumerate(read_rows(source, split)):
+    for index, row in enumerate(read_rows(source, split) if rows is None else rows):
         try:
             if isinstance(row, Exception):
                 raise row
