@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     from mdpo_fast.records import DataError
+    from mdpo_fast.trainer import NonFiniteLossError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -169,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in e.problems:
             print(f"mdpo-fast: error: {problem}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"mdpo-fast: error: {e}", file=sys.stderr)
+        return 3
     except ValueError as e:
         print(f"mdpo-fast: error: {e}", file=sys.stderr)
         return 2

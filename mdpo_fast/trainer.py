@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
 from collections import defaultdict
 
 import torch
+import transformers.trainer as hf_trainer
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 
 from mdpo_fast.collate import PaddedCollator
 from mdpo_fast.fused_loss import fused_linear_mdpo_loss
@@ -20,6 +25,12 @@ from mdpo_fast.modeling import (
 )
 from mdpo_fast.packing import PackedCollator, dense_row_tokens, packed_length
 from mdpo_fast.sampler import LengthGroupedSampler
+
+STAGING_PREFIX = "staging-checkpoint"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; raised before the optimizer step, so no weight or checkpoint sees it."""
 
 
 class MDPOTrainer(Trainer):
@@ -90,6 +101,13 @@ class MDPOTrainer(Trainer):
             hidden, head.weight, labels, segment_ids, ref_logps, ref_hidden=ref_hidden, bias=head.bias,
             num_examples=num_examples, beta=args.beta, anchor=args.anchor, weights=args.loss_weights,
         )
+        if not torch.isfinite(loss):  # one host sync per step, so a NaN never reaches the weights
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at step {self.state.global_step + 1} (examples "
+                f"{inputs['example_index'].tolist()}); stopped before the optimizer step. Last good checkpoint: "
+                f"{last or 'none saved yet'}"
+            )
         for name in METRIC_NAMES:
             self._metrics[name].append(metrics[name])
         self._count(inputs["stats"], live_reference="ref_logps" not in inputs)
@@ -102,6 +120,33 @@ class MDPOTrainer(Trainer):
         self._metrics["tokens/padding_share"].append(torch.tensor(padding / (tokens + padding)))
         # packed: each distinct image once per step; padded: every row's image in every forward
         self._metrics["images/encoded"].append(torch.tensor(float(images * (1 if self.args.packing else forwards))))
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer writes the checkpoint under a staging name; it becomes `checkpoint-N` in one rename once every
+        process is done, so a run killed mid-save leaves no `checkpoint-N` that looks whole but is not, and
+        rotation never deletes the last good checkpoint before the next one is complete."""
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, f"{hf_trainer.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staging = os.path.join(run_dir, f"{STAGING_PREFIX}-{self.state.global_step}")
+        if self.args.should_save:
+            for stale in glob.glob(os.path.join(run_dir, f"{STAGING_PREFIX}-*")):  # left by a killed save
+                shutil.rmtree(stale, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        prefix = hf_trainer.PREFIX_CHECKPOINT_DIR
+        hf_trainer.PREFIX_CHECKPOINT_DIR = STAGING_PREFIX
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            hf_trainer.PREFIX_CHECKPOINT_DIR = prefix
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if os.path.exists(final):  # a checkpoint of this step from an earlier run: replace it whole
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            # Trainer rotated before this checkpoint existed; rotate again now that it does
+            hf_trainer.rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                                          best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._metrics and "loss" in logs:  # training logs: mean of the metrics since the last log
