@@ -68,7 +68,9 @@ class MDPOTrainer(Trainer):
         dataset = train_dataset or self.train_dataset
         lengths = [packed_length(ex, self.args.prefix_sharing) for ex in dataset.examples]
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return LengthGroupedSampler(lengths, self.args.per_device_train_batch_size, seed)
+        # Grouped by the global batch: processes take consecutive per-device slices of each step, so a step
+        # holds the same examples whatever the number of processes.
+        return LengthGroupedSampler(lengths, self.args.per_device_train_batch_size * self.args.world_size, seed)
 
     def answer_tokens(self, model, inputs, features=None):
         """`(hidden [M, H], labels [M], segment_ids [M], num_examples)` of the batch's answer tokens."""
@@ -149,7 +151,13 @@ class MDPOTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._metrics and "loss" in logs:  # training logs: mean of the metrics since the last log
-            logs.update({k: torch.stack(v).float().mean().item() for k, v in self._metrics.items()})
+        if self._metrics and "loss" in logs:  # training logs: mean since the last log, over every process
+            names = sorted(self._metrics)
+            means = torch.stack([torch.stack(self._metrics[k]).float().mean() for k in names]).to(self.args.device)
+            means = self.accelerator.reduce(means, reduction="mean").tolist()
+            for i, name in enumerate(names):
+                if name in ("tokens/model", "images/encoded"):  # per-step totals: every process's share
+                    means[i] *= self.args.world_size
+            logs.update(dict(zip(names, means, strict=True)))
             self._metrics.clear()
         super().log(logs, start_time)
