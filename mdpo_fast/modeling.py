@@ -131,9 +131,31 @@ def padded_answer_tokens(model: nn.Module, batch: dict) -> tuple[torch.Tensor, t
 def padded_branch_logps(model: nn.Module, batch: dict) -> torch.Tensor:
     """`[B, 3]` summed answer log-probs of a `PaddedCollator` batch."""
     hidden, labels, segment_ids, num_examples = padded_answer_tokens(model, batch)
-    head = unwrap(model).get_output_embeddings()
-    token_logps = linear_token_logprobs(hidden, head.weight, labels, bias=head.bias)
+    weight, bias = lm_head(model)
+    token_logps = linear_token_logprobs(hidden, weight, labels, bias=bias)
     return segment_logps(token_logps, segment_ids, num_examples)
+
+
+def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's full `(weight [V, H], bias)`, also when the head is sharded.
+
+    FSDP2 keeps parameters as DTensors: `full_tensor()` gathers them and its backward returns the
+    gradient to the shards. A DeepSpeed ZeRO-3 head is gathered for reading when it is frozen (LoRA);
+    training a ZeRO-3-partitioned head through the fused loss is refused rather than done wrong.
+    """
+    head = unwrap(model).get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if hasattr(weight, "full_tensor"):
+        return weight.full_tensor(), None if bias is None else bias.full_tensor()
+    if hasattr(weight, "ds_id"):  # a DeepSpeed ZeRO-3 partitioned parameter
+        if weight.requires_grad:
+            raise ValueError("the fused loss cannot train a ZeRO-3-partitioned LM head yet: use LoRA (the "
+                             "default), ZeRO-2 or FSDP")
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight] + ([bias] if bias is not None else [])):
+            return weight.detach().clone(), None if bias is None else bias.detach().clone()
+    return weight, bias
 
 
 def image_features(model: nn.Module, batch: dict) -> list[torch.Tensor]:

@@ -18,6 +18,7 @@ from mdpo_fast.logprobs import linear_token_logprobs, segment_logps
 from mdpo_fast.loss import METRIC_NAMES
 from mdpo_fast.modeling import (
     image_features,
+    lm_head,
     packed_answer_tokens,
     padded_answer_tokens,
     reference_context,
@@ -83,9 +84,8 @@ class MDPOTrainer(Trainer):
         with reference_context(self.model, self.reference_model):
             target = self.reference_model or self.model
             hidden, labels, segment_ids, num_examples = self.answer_tokens(target, inputs, features)
-            head = unwrap(target).get_output_embeddings()
-            return segment_logps(linear_token_logprobs(hidden, head.weight, labels, bias=head.bias), segment_ids,
-                                 num_examples)
+            weight, bias = lm_head(target)
+            return segment_logps(linear_token_logprobs(hidden, weight, labels, bias=bias), segment_ids, num_examples)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Frozen vision tower and projector: one encode per image serves policy and reference.
@@ -97,10 +97,10 @@ class MDPOTrainer(Trainer):
         elif ref_logps is None:
             ref_logps = self.reference_logps(inputs, features)
         hidden, labels, segment_ids, num_examples = self.answer_tokens(model, inputs, features)
-        head = unwrap(model).get_output_embeddings()
+        weight, bias = lm_head(model)
         args = self.args
         loss, metrics = fused_linear_mdpo_loss(
-            hidden, head.weight, labels, segment_ids, ref_logps, ref_hidden=ref_hidden, bias=head.bias,
+            hidden, weight, labels, segment_ids, ref_logps, ref_hidden=ref_hidden, bias=bias,
             num_examples=num_examples, beta=args.beta, anchor=args.anchor, weights=args.loss_weights,
         )
         if not torch.isfinite(loss):  # one host sync per step, so a NaN never reaches the weights
