@@ -104,8 +104,7 @@ def run_training(args, model=None, processor=None, records=None, source=None):
     if args.precompute_ref_logps:
         from mdpo_fast.ref_cache import precompute_ref_logps
 
-        with args.main_process_first(desc="reference log-probs"):  # computed once, read by the others
-            dataset.ref_logps = precompute_ref_logps(trainer)
+        dataset.ref_logps = precompute_ref_logps(trainer)
         trainer.reference_model = None  # no longer needed: frees the full fine-tuning copy
     trainer.train(resume_from_checkpoint=_resume_arg(args.resume_from_checkpoint))
     trainer.save_model()

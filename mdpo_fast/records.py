@@ -113,7 +113,8 @@ def _prompt_messages(value: Any) -> tuple:
     n_images = sum(c.get("type") == "image" for m in messages for c in m["content"] if isinstance(c, dict))
     if n_images > 1:
         raise ValueError(f"prompt has {n_images} image placeholders; one image per record is supported")
-    if not any(c.get("text", "").strip() for m in messages for c in m["content"] if isinstance(c, dict)):
+    texts = [c.get("text") for m in messages for c in m["content"] if isinstance(c, dict)]
+    if not any(isinstance(t, str) and t.strip() for t in texts):  # datasets stores text=None on image parts
         raise ValueError("prompt is empty")
     if n_images == 0:
         user = next((m for m in messages if m["role"] == "user"), None)

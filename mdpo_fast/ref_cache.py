@@ -23,6 +23,8 @@ def fingerprint(args, examples) -> str:
     h = hashlib.sha256()
     settings = [args.model_name_or_path, args.model_dtype, args.corruption_seed, list(args.corruption_area),
                 list(args.corruption_ratio), args.attn_implementation]
+    if args.model_name_or_path is None:  # a model built in code (the demo): its weights follow the seed
+        settings.append(args.seed)
     h.update(json.dumps(settings, default=str).encode())
     for ex in examples:
         h.update(json.dumps([ex.index, ex.prompt_ids, ex.chosen_ids, ex.rejected_ids]).encode())
@@ -32,8 +34,8 @@ def fingerprint(args, examples) -> str:
 class RefLogpStore:
     """`{example index: [3] fp32}` backed by `part-*.pt` files in `directory`."""
 
-    def __init__(self, directory: Path):
-        self.directory = directory
+    def __init__(self, directory: Path, process_index: int = 0):
+        self.directory, self.process_index = directory, process_index
         self.values: dict[int, torch.Tensor] = {}
         for part in sorted(directory.glob("part-*.pt")):
             data = torch.load(part, map_location="cpu")
@@ -41,7 +43,9 @@ class RefLogpStore:
 
     def add(self, indices: torch.Tensor, logps: torch.Tensor) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        part = self.directory / f"part-{len(list(self.directory.glob('part-*.pt'))):06d}.pt"
+        # Named by process, so processes (and nodes on shared storage) never write the same file.
+        mine = len(list(self.directory.glob(f"part-{self.process_index:05d}-*.pt")))
+        part = self.directory / f"part-{self.process_index:05d}-{mine:06d}.pt"
         tmp = part.with_suffix(".tmp")
         torch.save({"index": indices.cpu(), "logps": logps.detach().float().cpu()}, tmp)
         os.replace(tmp, part)  # a killed run leaves a whole part or none
@@ -49,13 +53,20 @@ class RefLogpStore:
 
 
 def precompute_ref_logps(trainer) -> dict[int, torch.Tensor]:
-    """Fill the store for every training example missing from it; returns all values."""
+    """Fill the store for every training example missing from it; returns all values.
+
+    With several processes each computes an equal share, then all read the whole store.
+    """
     args, dataset = trainer.args, trainer.train_dataset
-    store = RefLogpStore(Path(args.output_dir) / "ref_logps" / fingerprint(args, dataset.examples))
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        raise ValueError("precompute_ref_logps runs before DeepSpeed / FSDP place the model: use "
+                         "--precompute_ref_logps false there (the reference is then computed each step)")
+    directory = Path(args.output_dir) / "ref_logps" / fingerprint(args, dataset.examples)
+    store = RefLogpStore(directory, args.process_index)
     # In the first epoch's step order: the reference sees the same rows as the policy will, so at step 1
     # (policy == reference) the rewards are exact zeros, as with a live reference.
     order = list(trainer._get_train_sampler())
-    missing = [i for i in order if dataset.examples[i].index not in store.values]
+    missing = [i for i in order if dataset.examples[i].index not in store.values][args.process_index::args.world_size]
     if store.values:
         logger.info("reference log-probs: %d cached, %d to compute", len(store.values), len(missing))
     loader = torch.utils.data.DataLoader(
@@ -65,4 +76,5 @@ def precompute_ref_logps(trainer) -> dict[int, torch.Tensor]:
     for batch in loader:
         batch = trainer._prepare_inputs(batch)
         store.add(batch["example_index"], trainer.reference_logps(batch))
-    return store.values
+    trainer.accelerator.wait_for_everyone()
+    return RefLogpStore(directory).values if args.world_size > 1 else store.values

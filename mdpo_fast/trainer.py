@@ -24,7 +24,8 @@ from mdpo_fast.modeling import (
     reference_context,
     unwrap,
 )
-from mdpo_fast.packing import PackedCollator, dense_row_tokens, packed_length
+from mdpo_fast.packing import PackedCollator, dense_row_tokens, example_units, packed_length, unit_length
+from mdpo_fast.records import DataError
 from mdpo_fast.sampler import LengthGroupedSampler
 
 STAGING_PREFIX = "staging-checkpoint"
@@ -50,7 +51,7 @@ class MDPOTrainer(Trainer):
         if "data_collator" not in kwargs and args.packing:
             base = unwrap(model)
             dense = base.config.get_text_config()._attn_implementation in ("sdpa", "eager")  # masked work still done
-            hidden_size = base.get_output_embeddings().weight.shape[1]
+            hidden_size = base.config.get_text_config().hidden_size
             kwargs["data_collator"] = PackedCollator(
                 pad_id, base.config.image_token_id, args.max_tokens_per_batch, args.prefix_sharing,
                 dense_row_tokens=dense_row_tokens(hidden_size) if dense else None,
@@ -59,11 +60,26 @@ class MDPOTrainer(Trainer):
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs
         )
+        if args.packing and self.is_fsdp_enabled:
+            raise ValueError("packing runs the vision tower and embeddings outside the model's forward, where FSDP "
+                             "keeps them sharded: use --packing false with FSDP (or DDP / DeepSpeed with packing)")
+        if args.packing:
+            self._check_rows_fit(train_dataset)
         self.reference_model = reference_model
         if reference_model is not None:
             reference_model.to(self.args.device)
         self.loss_is_scaled_for_ga = False  # the loss is a per-example mean: Trainer divides by accumulation steps
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def _check_rows_fit(self, dataset) -> None:
+        """An example whose packed segment cannot fit one row is refused before training, not at step N."""
+        limit = self.args.max_tokens_per_batch
+        sharing = self.args.prefix_sharing
+        needs = {ex.index: max(map(unit_length, example_units(ex, sharing))) for ex in dataset.examples}
+        problems = [f"example {index} needs {n} tokens in one row, over max_tokens_per_batch={limit}"
+                    for index, n in needs.items() if n > limit]
+        if problems:
+            raise DataError(problems)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset or self.train_dataset
@@ -103,12 +119,17 @@ class MDPOTrainer(Trainer):
             hidden, weight, labels, segment_ids, ref_logps, ref_hidden=ref_hidden, bias=bias,
             num_examples=num_examples, beta=args.beta, anchor=args.anchor, weights=args.loss_weights,
         )
-        if not torch.isfinite(loss):  # one host sync per step, so a NaN never reaches the weights
+        # One host sync per step, so a NaN never reaches the weights; every process stops together.
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.args.world_size > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item():
             last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            here = torch.isfinite(loss)
+            where = "the loss is non-finite on another process" if here else f"loss is {loss.item()}"
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at step {self.state.global_step + 1} (examples "
-                f"{inputs['example_index'].tolist()}); stopped before the optimizer step. Last good checkpoint: "
-                f"{last or 'none saved yet'}"
+                f"{where} at step {self.state.global_step + 1} (examples {inputs['example_index'].tolist()}); "
+                f"stopped before the optimizer step. Last good checkpoint: {last or 'none saved yet'}"
             )
         for name in METRIC_NAMES:
             self._metrics[name].append(metrics[name])
@@ -145,6 +166,9 @@ class MDPOTrainer(Trainer):
             if os.path.exists(final):  # a checkpoint of this step from an earlier run: replace it whole
                 shutil.rmtree(final)
             os.replace(staging, final)
+            if self.state.best_model_checkpoint == staging:
+                self.state.best_model_checkpoint = final
+                self.state.save_to_json(os.path.join(final, hf_trainer.TRAINER_STATE_NAME))
             # Trainer rotated before this checkpoint existed; rotate again now that it does
             hf_trainer.rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
@@ -153,7 +177,8 @@ class MDPOTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._metrics and "loss" in logs:  # training logs: mean since the last log, over every process
             names = sorted(self._metrics)
-            means = torch.stack([torch.stack(self._metrics[k]).float().mean() for k in names]).to(self.args.device)
+            means = torch.stack([torch.stack([v.to(self.args.device) for v in self._metrics[k]]).float().mean()
+                                 for k in names])
             means = self.accelerator.reduce(means, reduction="mean").tolist()
             for i, name in enumerate(names):
                 if name in ("tokens/model", "images/encoded"):  # per-step totals: every process's share

@@ -240,3 +240,15 @@ def test_flash_varlen_gets_one_flat_sequence_with_position_resets(lora_setup, mo
 def test_flash_with_prefix_sharing_is_refused_at_config_time():
     with pytest.raises(ValueError, match="prefix_sharing needs a mask flash-attn varlen cannot express"):
         parse_config([], {"output_dir": "o", "attn_implementation": "flash_attention_2"})
+
+
+def test_an_example_over_the_row_budget_is_refused_before_training(lora_setup, tmp_path):
+    from mdpo_fast.records import DataError
+
+    policy, processor, dataset = lora_setup
+    args = parse_config([], {"output_dir": str(tmp_path), "use_cpu": True, "report_to": "none",
+                             "max_tokens_per_batch": 60})
+    with pytest.raises(DataError) as err:
+        MDPOTrainer(policy, args, dataset, processor)
+    assert err.value.problems and all("over max_tokens_per_batch=60" in p for p in err.value.problems)
+    assert err.value.problems[0].startswith(f"example {dataset.examples[0].index} needs ")

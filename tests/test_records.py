@@ -166,3 +166,13 @@ def test_prepare_dataset_stops_or_skips(tmp_path, tiny_processor):
     item = dataset[0]
     assert item["image"]["pixel_values"].shape == item["corrupted_image"]["pixel_values"].shape == (1, 3, 32, 32)
     assert not item["image"]["pixel_values"].equal(item["corrupted_image"]["pixel_values"])
+
+
+def test_trl_messages_with_null_text_parts_load(tmp_path):
+    # datasets stores every content part with every key: image parts carry text=None
+    rows = [{"images": [_png()], "prompt": [{"role": "user", "content": [
+        {"type": "image", "text": None}, {"type": "text", "text": "Colour?"}]}],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "Red."}]}],
+        "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}]}]
+    (r,), problems = load_records("rows", rows=rows)
+    assert problems == [] and r.chosen == "Red."
