@@ -67,6 +67,7 @@ def precompute_ref_logps(trainer) -> dict[int, torch.Tensor]:
     # (policy == reference) the rewards are exact zeros, as with a live reference.
     order = list(trainer._get_train_sampler())
     missing = [i for i in order if dataset.examples[i].index not in store.values][args.process_index::args.world_size]
+    trainer.accelerator.wait_for_everyone()  # every process splits the same list before any writes a part
     if store.values:
         logger.info("reference log-probs: %d cached, %d to compute", len(store.values), len(missing))
     loader = torch.utils.data.DataLoader(
