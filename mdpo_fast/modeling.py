@@ -128,12 +128,15 @@ def padded_answer_tokens(model: nn.Module, batch: dict) -> tuple[torch.Tensor, t
     return hidden[answer], labels[answer], segment_ids, num_examples
 
 
+def sequence_logps(model: nn.Module, hidden, labels, segment_ids, num_examples: int) -> torch.Tensor:
+    """`[B, 3]` summed answer log-probs from `answer_tokens`-style outputs, through the model's LM head."""
+    weight, bias = lm_head(model)
+    return segment_logps(linear_token_logprobs(hidden, weight, labels, bias=bias), segment_ids, num_examples)
+
+
 def padded_branch_logps(model: nn.Module, batch: dict) -> torch.Tensor:
     """`[B, 3]` summed answer log-probs of a `PaddedCollator` batch."""
-    hidden, labels, segment_ids, num_examples = padded_answer_tokens(model, batch)
-    weight, bias = lm_head(model)
-    token_logps = linear_token_logprobs(hidden, weight, labels, bias=bias)
-    return segment_logps(token_logps, segment_ids, num_examples)
+    return sequence_logps(model, *padded_answer_tokens(model, batch))
 
 
 def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

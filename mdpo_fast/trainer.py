@@ -14,7 +14,6 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from mdpo_fast.collate import PaddedCollator
 from mdpo_fast.fused_loss import fused_linear_mdpo_loss
-from mdpo_fast.logprobs import linear_token_logprobs, segment_logps
 from mdpo_fast.loss import METRIC_NAMES
 from mdpo_fast.modeling import (
     image_features,
@@ -22,6 +21,7 @@ from mdpo_fast.modeling import (
     packed_answer_tokens,
     padded_answer_tokens,
     reference_context,
+    sequence_logps,
     unwrap,
 )
 from mdpo_fast.packing import PackedCollator, dense_row_tokens, example_units, packed_length, unit_length
@@ -99,9 +99,7 @@ class MDPOTrainer(Trainer):
         """`[B, 3]` reference log-probs of a batch (used to precompute, and live for full fine-tuning)."""
         with reference_context(self.model, self.reference_model):
             target = self.reference_model or self.model
-            hidden, labels, segment_ids, num_examples = self.answer_tokens(target, inputs, features)
-            weight, bias = lm_head(target)
-            return segment_logps(linear_token_logprobs(hidden, weight, labels, bias=bias), segment_ids, num_examples)
+            return sequence_logps(target, *self.answer_tokens(target, inputs, features))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Frozen vision tower and projector: one encode per image serves policy and reference.
