@@ -10,23 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from mdpo_fast.collate import IGNORE_INDEX, concat_image_inputs
+from mdpo_fast.collate import IGNORE_INDEX, pad_rows
 from mdpo_fast.loss import mdpo_loss
 from mdpo_fast.modeling import reference_context
 from mdpo_fast.trainer import MDPOTrainer
-
-
-def _padded(rows, images, pad_id):
-    width = max(len(p) + len(a) for p, a in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    for r, (prompt, answer) in enumerate(rows):
-        n = len(prompt) + len(answer)
-        input_ids[r, :n] = torch.tensor(prompt + answer)
-        mask[r, :n] = 1
-        labels[r, len(prompt):n] = torch.tensor(answer)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, **concat_image_inputs(images)}
 
 
 class PublishedCollator:
@@ -35,9 +22,9 @@ class PublishedCollator:
 
     def __call__(self, items):
         exs = [it["example"] for it in items]
-        pair = _padded([(e.prompt_ids, e.chosen_ids) for e in exs] + [(e.prompt_ids, e.rejected_ids) for e in exs],
+        pair = pad_rows([(e.prompt_ids, e.chosen_ids) for e in exs] + [(e.prompt_ids, e.rejected_ids) for e in exs],
                        [it["image"] for it in items] * 2, self.pad_token_id)
-        corrupted = _padded([(e.prompt_ids, e.chosen_ids) for e in exs], [it["corrupted_image"] for it in items],
+        corrupted = pad_rows([(e.prompt_ids, e.chosen_ids) for e in exs], [it["corrupted_image"] for it in items],
                             self.pad_token_id)
         tokens = pair["input_ids"].numel() + corrupted["input_ids"].numel()
         real = int(pair["attention_mask"].sum() + corrupted["attention_mask"].sum())

@@ -27,6 +27,22 @@ def concat_image_inputs(image_inputs: list[dict]) -> dict:
     return {key: torch.cat([x[key] for x in image_inputs]) for key in image_inputs[0]}
 
 
+def pad_rows(rows: list[tuple], images: list[dict], pad_token_id: int) -> dict:
+    """`(prompt_ids, answer_ids)` rows right-padded to one width: input_ids, attention_mask, labels (answer
+    tokens at their own positions, shifted where log-probs are taken) and the rows' image inputs."""
+    width = max(len(p) + len(a) for p, a in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for r, (prompt, answer) in enumerate(rows):
+        n = len(prompt) + len(answer)
+        input_ids[r, :n] = torch.tensor(prompt + answer)
+        attention_mask[r, :n] = 1
+        labels[r, len(prompt):n] = torch.tensor(answer)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            **concat_image_inputs(images)}
+
+
 class PaddedCollator:
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -38,24 +54,11 @@ class PaddedCollator:
                 ex = item["example"]
                 rows.append((ex.prompt_ids, ex.rejected_ids if branch == REJECTED else ex.chosen_ids))
                 images.append(item["corrupted_image" if branch == CORRUPTED else "image"])
-        width = max(len(p) + len(a) for p, a in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for r, (prompt, answer) in enumerate(rows):
-            n = len(prompt) + len(answer)
-            input_ids[r, :n] = torch.tensor(prompt + answer)
-            attention_mask[r, :n] = 1
-            labels[r, len(prompt):n] = torch.tensor(answer)
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,  # answer tokens at their own positions; shifted where log-probs are taken
-            "example_index": torch.tensor([item["example"].index for item in items]),
-            # tokens, padding tokens, images through the vision tower: counters for the logs
-            "stats": torch.tensor([int(attention_mask.sum()), int((attention_mask == 0).sum()), len(images)]),
-            **concat_image_inputs(images),
-        }
+        batch = pad_rows(rows, images, self.pad_token_id)
+        mask = batch["attention_mask"]
+        batch["example_index"] = torch.tensor([item["example"].index for item in items])
+        # tokens, padding tokens, images through the vision tower: counters for the logs
+        batch["stats"] = torch.tensor([int(mask.sum()), int((mask == 0).sum()), len(images)])
         if "ref_logps" in items[0]:
             batch["ref_logps"] = torch.stack([item["ref_logps"] for item in items])
         return batch

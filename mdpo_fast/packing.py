@@ -60,6 +60,17 @@ def packed_length(ex, prefix_sharing: bool = True) -> int:
     return sum(unit_length(u) for u in example_units(ex, prefix_sharing))
 
 
+def rows_too_long(examples, max_tokens: int, prefix_sharing: bool) -> list[str]:
+    """One line per example whose longest unit cannot fit a row of `max_tokens` tokens."""
+    problems = []
+    for ex in examples:
+        need = max(unit_length(u) for u in example_units(ex, prefix_sharing))
+        if need > max_tokens:
+            problems.append(f"example {ex.index} needs {need} tokens in one row, over max_tokens_per_batch="
+                            f"{max_tokens}; raise max_tokens_per_batch or lower max_length")
+    return problems
+
+
 def attention_mask(units: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
     """`[R, 1, L, L]` bool, True where query i may attend key j: same unit, j <= i, and never from the
     second answer of a unit to the first one (rejected does not see chosen)."""
@@ -126,15 +137,13 @@ class PackedCollator:
         self.dense_row_tokens = dense_row_tokens
 
     def __call__(self, items: list[dict]) -> dict:
+        problems = rows_too_long([item["example"] for item in items], self.max_tokens, self.prefix_sharing)
+        if problems:
+            raise ValueError("; ".join(problems))
         units, images = [], []  # units: (example_no, image index, (prefix, image, answers))
         for example_no, item in enumerate(items):
             ex = item["example"]
             for unit in example_units(ex, self.prefix_sharing):
-                if unit_length(unit) > self.max_tokens:
-                    raise ValueError(
-                        f"example {ex.index} needs {unit_length(unit)} tokens in one row, over "
-                        f"max_tokens_per_batch={self.max_tokens}; raise max_tokens_per_batch or lower max_length"
-                    )
                 units.append((example_no, len(images) + (unit[1] == "corrupted_image"), unit))
             images += [item["image"], item["corrupted_image"]]
         lengths = [unit_length(u[2]) for u in units]

@@ -63,8 +63,8 @@ def precompute_ref_logps(trainer) -> dict[int, torch.Tensor]:
                          "--precompute_ref_logps false there (the reference is then computed each step)")
     directory = Path(args.output_dir) / "ref_logps" / fingerprint(args, dataset.examples)
     store = RefLogpStore(directory, args.process_index)
-    # In the first epoch's step order: the reference sees the same rows as the policy will, so at step 1
-    # (policy == reference) the rewards are exact zeros, as with a live reference.
+    # In the first epoch's step order: with one process the reference sees the same rows as the policy will,
+    # so at step 1 (policy == reference) the rewards are exact zeros, as with a live reference.
     order = list(trainer._get_train_sampler())
     missing = [i for i in order if dataset.examples[i].index not in store.values][args.process_index::args.world_size]
     trainer.accelerator.wait_for_everyone()  # every process splits the same list before any writes a part

@@ -24,7 +24,7 @@ from mdpo_fast.modeling import (
     sequence_logps,
     unwrap,
 )
-from mdpo_fast.packing import PackedCollator, dense_row_tokens, example_units, packed_length, unit_length
+from mdpo_fast.packing import PackedCollator, dense_row_tokens, packed_length, rows_too_long
 from mdpo_fast.records import DataError
 from mdpo_fast.sampler import LengthGroupedSampler
 
@@ -63,23 +63,15 @@ class MDPOTrainer(Trainer):
         if args.packing and self.is_fsdp_enabled:
             raise ValueError("packing runs the vision tower and embeddings outside the model's forward, where FSDP "
                              "keeps them sharded: use --packing false with FSDP (or DDP / DeepSpeed with packing)")
-        if args.packing:
-            self._check_rows_fit(train_dataset)
+        if args.packing:  # an example that cannot fit one row is refused before training, not at step N
+            problems = rows_too_long(train_dataset.examples, args.max_tokens_per_batch, args.prefix_sharing)
+            if problems:
+                raise DataError(problems)
         self.reference_model = reference_model
         if reference_model is not None:
             reference_model.to(self.args.device)
         self.loss_is_scaled_for_ga = False  # the loss is a per-example mean: Trainer divides by accumulation steps
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
-
-    def _check_rows_fit(self, dataset) -> None:
-        """An example whose packed segment cannot fit one row is refused before training, not at step N."""
-        limit = self.args.max_tokens_per_batch
-        sharing = self.args.prefix_sharing
-        needs = {ex.index: max(map(unit_length, example_units(ex, sharing))) for ex in dataset.examples}
-        problems = [f"example {index} needs {n} tokens in one row, over max_tokens_per_batch={limit}"
-                    for index, n in needs.items() if n > limit]
-        if problems:
-            raise DataError(problems)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset or self.train_dataset
