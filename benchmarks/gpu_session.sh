@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call of the device tool:
-#   run(command="bash benchmarks/gpu_session.sh")
+# Everything that needs a GPU, by stage; one device call runs at most 10 minutes, so run them apart:
+#   run(command="bash benchmarks/gpu_session.sh kernels")   # GPU tests, kernel benchmarks, sweeps
+#   run(command="bash benchmarks/gpu_session.sh steps")     # the two model steps
+# No argument runs every stage.
 # GPU tests (compiled kernels at realistic shapes), the kernel benchmarks (issue shapes and a sweep
-# with plots) and the LLaVA-1.5-7B-architecture step. Results go to $OUT, which the tool brings back;
+# with plots) and the LLaVA-1.5-7B- and Qwen2.5-VL-3B-architecture steps.
+# Results go to $OUT, which the tool brings back;
 # copy them into benchmarks/results/ and run `python -m benchmarks.report` to refresh the README.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +15,13 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, \
 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log"
-python3 -m benchmarks.kernels --device cuda --results "$OUT" 2>&1 | tee "$OUT/kernels.log"
-python3 -m benchmarks.kernels --device cuda --op linear mdpo --sweep --results "$OUT" 2>&1 | tee -a "$OUT/kernels.log"
-python3 -m benchmarks.step --model llava-1.5-7b --results "$OUT" 2>&1 | tee "$OUT/step.log"
+STAGES=${*:-kernels steps}
+if [[ " $STAGES " == *" kernels "* ]]; then
+  python3 -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT/gpu_tests.log"
+  python3 -m benchmarks.kernels --device cuda --results "$OUT" 2>&1 | tee "$OUT/kernels.log"
+  python3 -m benchmarks.kernels --device cuda --op linear mdpo --sweep --results "$OUT" 2>&1 | tee -a "$OUT/kernels.log"
+fi
+if [[ " $STAGES " == *" steps "* ]]; then
+  python3 -m benchmarks.step --model llava-1.5-7b --results "$OUT" 2>&1 | tee "$OUT/step.log"
+  python3 -m benchmarks.step --model qwen2.5-vl-3b --results "$OUT" 2>&1 | tee -a "$OUT/step.log"
+fi

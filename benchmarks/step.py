@@ -2,15 +2,17 @@
 
     python -m benchmarks.step --quick                   # CPU, tiny model: ends with `speedup=<x> memory_ratio=<y>`
     python -m benchmarks.step --model llava-1.5-7b      # GPU: random weights in LLaVA-1.5-7B's shapes, bf16
+    python -m benchmarks.step --model qwen2.5-vl-3b     # GPU: the same in Qwen2.5-VL-3B's shapes
 
 Providers, each in a fresh process: `published` (benchmarks/published_step.py), `padded` (mdpo-fast's
 plain path: 3B padded rows, live reference, fused loss) and `mdpo_fast` (the defaults: packed rows,
 shared prefix, each image encoded once, reference log-probs precomputed; the precompute pass is
-timed apart). Data: a synthetic length mix shaped like LLaVA-1.5 on RLAIF-V: 576 image tokens,
-prompts of 20-80 words and answers of 30-300 for the 7B model; scaled by 1/4 for the tiny one (16
-image tokens). Memory is the peak RSS of the process (CPU) or peak allocated GPU memory. On GPU,
-MFU counts `6 * P * T` FLOPs per step for the language model's P parameters and the T answer-and-
-prompt tokens of the step's examples (each counted once), against the measured dense bf16 rate.
+timed apart). Data: a synthetic length mix shaped like LLaVA-1.5 on RLAIF-V: 576 image tokens (256
+for Qwen2.5-VL at 448x448), prompts of 20-80 words and answers of 30-300 for the GPU models; scaled
+by 1/4 for the tiny one (16 image tokens). Memory is the peak RSS of the process (CPU) or peak
+allocated GPU memory. On GPU, MFU counts `6 * P * T` FLOPs per step for the language model's P
+parameters and the T answer-and-prompt tokens of the step's examples (each counted once), against the
+measured dense bf16 rate.
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ LAYOUT = {
 }
 
 
-def length_mix_records(n: int, seed: int = 0, scale: float = 0.25):
+def length_mix_records(n: int, seed: int = 0, scale: float = 0.25, image_size: int = 32):
     """Synthetic records: one of the demo images, a prompt of 20-80 words, answers of 30-300 words (x scale)."""
     from mdpo_fast.demo_data import demo_rows
     from mdpo_fast.records import parse_record
     from mdpo_fast.tiny import _WORDS
 
     rng = random.Random(seed)
-    images = [row["image"] for row in demo_rows(16, seed)]
+    images = [row["image"] for row in demo_rows(16, seed, size=image_size)]
 
     def words(lo, hi):
         return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(int(lo * scale), int(hi * scale)))) + "."
@@ -74,6 +76,37 @@ def build_llava_7b(device: str):
     return model, processor
 
 
+def build_qwen25_vl_3b(device: str):
+    """Random weights in Qwen2.5-VL-3B's shapes (its windowed ViT + merger, a 36-layer M-RoPE decoder), bf16."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from mdpo_fast.tiny import build_processor
+
+    processor = build_processor("qwen2_5_vl")
+    processor.image_processor = Qwen2VLImageProcessorPil(min_pixels=448 * 448, max_pixels=448 * 448)  # 256 tokens
+    text = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                pad_token_id=processor.tokenizer.pad_token_id, tie_word_embeddings=True)
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=processor.image_token_id,
+                              tie_word_embeddings=True)
+    config._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model, processor
+
+
+GPU_MODELS = {"llava-1.5-7b": (build_llava_7b, 336), "qwen2.5-vl-3b": (build_qwen25_vl_3b, 448)}
+
+
 def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int, out_dir: str,
                  model_name: str = "tiny") -> dict:
     import torch
@@ -89,14 +122,15 @@ def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int
 
     torch.manual_seed(0)
     gpu = model_name != "tiny"
-    model, processor = build_llava_7b("cuda") if gpu else build_tiny_model()
+    build, image_size = GPU_MODELS.get(model_name, (None, 32))
+    model, processor = build("cuda") if gpu else build_tiny_model()
     args = parse_config([], {
         "output_dir": out_dir, "use_cpu": not gpu, "max_steps": warmup + steps, "bf16": gpu,
         "per_device_train_batch_size": batch_size, "learning_rate": 1e-4, "lora_r": 64 if gpu else 16,
         "lora_alpha": 128 if gpu else 32, "save_strategy": "no", "logging_steps": 10_000, "report_to": "none",
         "disable_tqdm": True, "max_length": 2048 if gpu else 512, **LAYOUT[provider],
     })
-    records = length_mix_records(n, scale=1.0 if gpu else 0.25)
+    records = length_mix_records(n, scale=1.0 if gpu else 0.25, image_size=image_size)
     dataset = prepare_dataset(args, processor, records=records, source="length mix")
     policy, reference = prepare_model(model, args)
     cls = PublishedStepTrainer if provider == "published" else MDPOTrainer
@@ -149,7 +183,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--examples", type=int, default=160)
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS))
-    parser.add_argument("--model", default="tiny", choices=["tiny", "llava-1.5-7b"])
+    parser.add_argument("--model", default="tiny", choices=["tiny", *GPU_MODELS])
     parser.add_argument("--results", type=Path, default=RESULTS.parent)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out_dir", default="/tmp/mdpo-step-bench", help=argparse.SUPPRESS)

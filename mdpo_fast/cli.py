@@ -12,7 +12,8 @@ commands:
   train        train a model: mdpo-fast train --model_name_or_path DIR --dataset data.jsonl --output_dir out
                [--config run.yaml] [any MDPOConfig / TrainingArguments flag]
   demo         train the tiny built-in model on synthetic data on CPU (accepts the same flags)
-  tiny-model   mdpo-fast tiny-model DIR: write the tiny LLaVA-architecture model and its processor
+  tiny-model   mdpo-fast tiny-model DIR [llava|qwen2_vl|qwen2_5_vl]: write a tiny random-weight model of that
+               family (LLaVA by default) and its processor
   demo-data    mdpo-fast demo-data DIR [N]: write the synthetic set as DIR/train.jsonl + DIR/images/
 """
 
@@ -83,19 +84,19 @@ def _resume_arg(value):
 def run_training(args, model=None, processor=None, records=None, source=None):
     """Validate the data, load the model, train, save. Returns the trainer."""
     from mdpo_fast.data import prepare_dataset
-    from mdpo_fast.modeling import load_model_and_processor, prepare_model
+    from mdpo_fast.modeling import load_model, prepare_model
     from mdpo_fast.trainer import MDPOTrainer
 
     if processor is None:
-        from transformers import AutoProcessor
+        from mdpo_fast.processors import load_processor
 
         if args.model_name_or_path is None:
             raise ValueError("no model given: pass --model_name_or_path DIR_OR_HUB_ID")
-        processor = AutoProcessor.from_pretrained(args.model_name_or_path)
+        processor = load_processor(args.model_name_or_path)
     # Data first: a bad record stops the run before the model is loaded or a GPU is touched.
     dataset = prepare_dataset(args, processor, records=records, source=source)
     if model is None:
-        (model, reference), processor = load_model_and_processor(args)
+        model, reference = load_model(args)
     else:
         model, reference = prepare_model(model, args)
     trainer = MDPOTrainer(
@@ -155,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
             run_training(parse_config(rest))
         elif command == "demo":
             run_demo(rest)
-        elif command == "tiny-model" and len(rest) == 1:
+        elif command == "tiny-model" and len(rest) in (1, 2):
             from mdpo_fast.tiny import write_tiny_model
 
-            print(f"tiny model written to {write_tiny_model(rest[0])}")
+            print(f"tiny model written to {write_tiny_model(rest[0], family=(rest[1:] or ['llava'])[0])}")
         elif command == "demo-data" and len(rest) in (1, 2):
             from mdpo_fast.demo_data import write_demo_data
 

@@ -11,10 +11,11 @@ import torch
 from mdpo_fast.loss import CORRUPTED, NUM_BRANCHES, REJECTED
 
 IGNORE_INDEX = -100
-# Batch entries that describe the layout; every other entry is an image-processor output (pixel_values, ...).
+# Batch entries that describe the layout; every other entry goes to the model as it is (pixel_values,
+# image_grid_thw, mm_token_type_ids, ...).
 LAYOUT_KEYS = frozenset({
-    "input_ids", "attention_mask", "position_ids", "labels", "predictor_index", "target_ids", "segment_ids",
-    "image_order", "example_index", "stats", "ref_logps", "unit_ids", "roles",
+    "input_ids", "attention_mask", "position_ids", "rope_position_ids", "labels", "predictor_index",
+    "target_ids", "segment_ids", "image_order", "example_index", "stats", "ref_logps", "unit_ids", "roles",
 })
 
 
@@ -27,9 +28,10 @@ def concat_image_inputs(image_inputs: list[dict]) -> dict:
     return {key: torch.cat([x[key] for x in image_inputs]) for key in image_inputs[0]}
 
 
-def pad_rows(rows: list[tuple], images: list[dict], pad_token_id: int) -> dict:
+def pad_rows(rows: list[tuple], images: list[dict], pad_token_id: int, image_token_id: int | None = None) -> dict:
     """`(prompt_ids, answer_ids)` rows right-padded to one width: input_ids, attention_mask, labels (answer
-    tokens at their own positions, shifted where log-probs are taken) and the rows' image inputs."""
+    tokens at their own positions, shifted where log-probs are taken) and the rows' image inputs. With
+    `image_token_id`, also `mm_token_type_ids` (1 on image tokens), which M-RoPE models need for positions."""
     width = max(len(p) + len(a) for p, a in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -39,13 +41,19 @@ def pad_rows(rows: list[tuple], images: list[dict], pad_token_id: int) -> dict:
         input_ids[r, :n] = torch.tensor(prompt + answer)
         attention_mask[r, :n] = 1
         labels[r, len(prompt):n] = torch.tensor(answer)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            **concat_image_inputs(images)}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+             **concat_image_inputs(images)}
+    if image_token_id is not None:
+        batch["mm_token_type_ids"] = (input_ids == image_token_id).long()
+    return batch
 
 
 class PaddedCollator:
-    def __init__(self, pad_token_id: int):
+    """`image_token_id`: given for models that take `mm_token_type_ids` (the Qwen2-VL family)."""
+
+    def __init__(self, pad_token_id: int, image_token_id: int | None = None):
         self.pad_token_id = pad_token_id
+        self.image_token_id = image_token_id
 
     def __call__(self, items: list[dict]) -> dict:
         rows, images = [], []
@@ -54,7 +62,7 @@ class PaddedCollator:
                 ex = item["example"]
                 rows.append((ex.prompt_ids, ex.rejected_ids if branch == REJECTED else ex.chosen_ids))
                 images.append(item["corrupted_image" if branch == CORRUPTED else "image"])
-        batch = pad_rows(rows, images, self.pad_token_id)
+        batch = pad_rows(rows, images, self.pad_token_id, self.image_token_id)
         mask = batch["attention_mask"]
         batch["example_index"] = torch.tensor([item["example"].index for item in items])
         # tokens, padding tokens, images through the vision tower: counters for the logs

@@ -39,6 +39,12 @@ def language_model_linear_names(model: nn.Module) -> list[str]:
     return names
 
 
+def takes_token_types(model: nn.Module) -> bool:
+    """Whether the model computes 3-D positions from `mm_token_type_ids` (the Qwen2-VL family does)."""
+    base = unwrap(model)
+    return hasattr(getattr(base, "model", base), "get_rope_index")
+
+
 def freeze_vision(model: nn.Module) -> None:
     """Only the language model and LM head train; the vision tower and projector stay frozen."""
     head = model.get_output_embeddings()
@@ -50,21 +56,19 @@ def freeze_vision(model: nn.Module) -> None:
         p.requires_grad_(id(p) in trainable)
 
 
-def load_model_and_processor(args):
-    """Model (LoRA-wrapped unless `args.use_lora` is false), processor and, for full fine-tuning, a frozen
-    reference copy. `args` is an `MDPOConfig`."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def load_model(args) -> tuple[nn.Module, nn.Module | None]:
+    """`prepare_model` of the pretrained model `args.model_name_or_path` (`args`: an `MDPOConfig`)."""
+    from transformers import AutoModelForImageTextToText
 
-    dtype = _DTYPES[args.model_dtype]
     model = AutoModelForImageTextToText.from_pretrained(
-        args.model_name_or_path, dtype=dtype, attn_implementation=args.attn_implementation
+        args.model_name_or_path, dtype=_DTYPES[args.model_dtype], attn_implementation=args.attn_implementation
     )
-    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
-    return prepare_model(model, args), processor
+    return prepare_model(model, args)
 
 
 def prepare_model(model: nn.Module, args) -> tuple[nn.Module, nn.Module | None]:
-    """Returns `(policy, reference)`; the reference is None when it is the policy with adapters disabled."""
+    """Returns `(policy, reference)`: the policy LoRA-wrapped unless `args.use_lora` is false, and the
+    reference, a frozen copy for full fine-tuning or None when it is the policy with adapters disabled."""
     model.config.use_cache = False
     if not args.use_lora:
         freeze_vision(model)
@@ -183,19 +187,24 @@ def packed_answer_tokens(model: nn.Module, batch: dict, features: list[torch.Ten
     embeds = embeds.masked_scatter(slots[..., None], placed)
     impl = base.config.get_text_config()._attn_implementation
     positions = batch["position_ids"]
+    rope = batch.get("rope_position_ids")  # [3, R, L]: the positions of M-RoPE models (Qwen2-VL family)
     if impl.startswith("flash_attention"):
         # varlen: one flat sequence, segments marked by position ids restarting at 0 (flat indices unchanged)
         if bool((batch["roles"] == SECOND_ANSWER).any()):
             raise ValueError("flash-attn varlen cannot express a shared prefix: use --prefix_sharing false, "
                              "or --attn_implementation flex_attention")
         embeds, positions, mask = embeds.flatten(0, 1)[None], positions.flatten()[None], None
-    elif impl == "flex_attention":
-        mask = block_mask(batch["unit_ids"], batch["roles"])
-    else:  # a dense [R, 1, L, L] mask, built here on the batch's device
-        mask = attention_mask(batch["unit_ids"], batch["roles"])
-        if impl == "eager":  # eager adds the mask to the scores
-            mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill_(
-                ~mask, torch.finfo(embeds.dtype).min)
+        if rope is not None:  # M-RoPE models take the 1-D positions that mark segments as a leading 4th row
+            positions = torch.cat([positions[None], rope.flatten(1)[:, None]])
+    else:
+        positions = positions if rope is None else rope
+        if impl == "flex_attention":
+            mask = block_mask(batch["unit_ids"], batch["roles"])
+        else:  # a dense [R, 1, L, L] mask, built here on the batch's device
+            mask = attention_mask(batch["unit_ids"], batch["roles"])
+            if impl == "eager":  # eager adds the mask to the scores
+                mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill_(
+                    ~mask, torch.finfo(embeds.dtype).min)
     inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
     hidden = last_hidden_states(model, inputs).flatten(0, 1)[batch["predictor_index"]]
     return hidden, batch["target_ids"], batch["segment_ids"], batch["example_index"].shape[0]

@@ -23,6 +23,7 @@ import torch
 
 from mdpo_fast.collate import concat_image_inputs
 from mdpo_fast.loss import CHOSEN, CORRUPTED, NUM_BRANCHES, REJECTED
+from mdpo_fast.rope import mrope_positions
 
 # Role of a token inside its unit, for the one attention rule beyond causality.
 PREFIX, FIRST_ANSWER, SECOND_ANSWER = 0, 1, 2
@@ -32,6 +33,7 @@ PREFIX, FIRST_ANSWER, SECOND_ANSWER = 0, 1, 2
 class _Row:
     ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
+    rope: list[torch.Tensor] = field(default_factory=list)  # [3, n] pieces, for M-RoPE models
     units: list[int] = field(default_factory=list)
     roles: list[int] = field(default_factory=list)
 
@@ -126,15 +128,18 @@ def block_mask(units: torch.Tensor, roles: torch.Tensor):
 class PackedCollator:
     """Packs a step's examples into rows of at most `max_tokens_per_batch` tokens. With
     `dense_row_tokens` (SDPA or eager attention with a dense mask) rows are also capped there, or at the
-    step's longest unit if that is longer."""
+    step's longest unit if that is longer. With `mrope_merge_size` (Qwen2-VL family) the batch also holds
+    `rope_position_ids [3, R, L]`: each unit's 3-D positions, the answers continuing from its prefix."""
 
     def __init__(self, pad_token_id: int, image_token_id: int, max_tokens_per_batch: int,
-                 prefix_sharing: bool = True, dense_row_tokens: int | None = None):
+                 prefix_sharing: bool = True, dense_row_tokens: int | None = None,
+                 mrope_merge_size: int | None = None):
         self.pad_token_id = pad_token_id
         self.image_token_id = image_token_id
         self.max_tokens = max_tokens_per_batch
         self.prefix_sharing = prefix_sharing
         self.dense_row_tokens = dense_row_tokens
+        self.mrope_merge_size = mrope_merge_size
 
     def __call__(self, items: list[dict]) -> dict:
         problems = rows_too_long([item["example"] for item in items], self.max_tokens, self.prefix_sharing)
@@ -162,10 +167,16 @@ class PackedCollator:
                 row.ids += prefix
                 row.positions += range(len(prefix))
                 row.roles += [PREFIX] * len(prefix)
+                if self.mrope_merge_size:
+                    rope, after = mrope_positions(prefix, self.image_token_id, images[image_index]["image_grid_thw"],
+                                                  self.mrope_merge_size)
+                    row.rope.append(rope)
                 for k, (answer, branch) in enumerate(answers):
                     col = len(row.ids)
                     row.ids += answer
                     row.positions += range(len(prefix), len(prefix) + len(answer))
+                    if self.mrope_merge_size:
+                        row.rope.append(torch.arange(after, after + len(answer)).expand(3, -1))
                     row.roles += [FIRST_ANSWER if k == 0 else SECOND_ANSWER] * len(answer)
                     # token j of the answer is predicted by token j-1, the first one by the prefix's last token
                     predictor += [(r, start + len(prefix) - 1)] + [(r, col + j) for j in range(len(answer) - 1)]
@@ -177,10 +188,13 @@ class PackedCollator:
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
         unit_ids = -1 - torch.arange(len(rows) * width).view(len(rows), width)  # padding: a unit of its own
         roles = torch.zeros((len(rows), width), dtype=torch.long)
+        rope = torch.zeros((3, len(rows), width), dtype=torch.long) if self.mrope_merge_size else None
         for r, row in enumerate(rows):
             n = len(row.ids)
             input_ids[r, :n] = torch.tensor(row.ids)
             position_ids[r, :n] = torch.tensor(row.positions)
+            if rope is not None:
+                rope[:, r, :n] = torch.cat(row.rope, dim=1)
             unit_ids[r, :n] = torch.tensor(row.units)
             roles[r, :n] = torch.tensor(row.roles)
         n_tokens = sum(len(row.ids) for row in rows)
@@ -197,6 +211,8 @@ class PackedCollator:
             "stats": torch.tensor([n_tokens, input_ids.numel() - n_tokens, len(images)]),
             **concat_image_inputs(images),
         }
+        if rope is not None:
+            batch["rope_position_ids"] = rope
         if "ref_logps" in items[0]:
             batch["ref_logps"] = torch.stack([item["ref_logps"] for item in items])
         return batch

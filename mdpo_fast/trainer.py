@@ -22,10 +22,12 @@ from mdpo_fast.modeling import (
     padded_answer_tokens,
     reference_context,
     sequence_logps,
+    takes_token_types,
     unwrap,
 )
 from mdpo_fast.packing import PackedCollator, dense_row_tokens, packed_length, rows_too_long
 from mdpo_fast.records import DataError
+from mdpo_fast.rope import mrope_merge_size
 from mdpo_fast.sampler import LengthGroupedSampler
 
 STAGING_PREFIX = "staging-checkpoint"
@@ -48,15 +50,20 @@ class MDPOTrainer(Trainer):
 
     def __init__(self, model, args, train_dataset, processing_class, reference_model=None, **kwargs):
         pad_id = processing_class.tokenizer.pad_token_id or 0
+        config = unwrap(model).config
+        merge_size = mrope_merge_size(config)
         if "data_collator" not in kwargs and args.packing:
-            base = unwrap(model)
-            dense = base.config.get_text_config()._attn_implementation in ("sdpa", "eager")  # masked work still done
-            hidden_size = base.config.get_text_config().hidden_size
+            if takes_token_types(model) and merge_size is None:
+                raise ValueError(f"packing does not know the 3-D positions of {config.model_type} models: "
+                                 "use --packing false")
+            dense = config.get_text_config()._attn_implementation in ("sdpa", "eager")  # masked work still done
             kwargs["data_collator"] = PackedCollator(
-                pad_id, base.config.image_token_id, args.max_tokens_per_batch, args.prefix_sharing,
-                dense_row_tokens=dense_row_tokens(hidden_size) if dense else None,
+                pad_id, config.image_token_id, args.max_tokens_per_batch, args.prefix_sharing,
+                dense_row_tokens=dense_row_tokens(config.get_text_config().hidden_size) if dense else None,
+                mrope_merge_size=merge_size,
             )
-        kwargs.setdefault("data_collator", PaddedCollator(pad_id))
+        kwargs.setdefault("data_collator", PaddedCollator(
+            pad_id, config.image_token_id if takes_token_types(model) else None))
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs
         )

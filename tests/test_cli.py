@@ -76,9 +76,26 @@ def test_unknown_command_and_help():
     assert result.returncode == 0 and "tiny-model" in result.stdout
 
 
+@pytest.mark.slow
+def test_train_a_qwen2_vl_model_from_disk(tmp_path, demo_dir):
+    # Loads its processor without torchvision (image-only) where torchvision is missing, as here.
+    assert _cli("tiny-model", tmp_path / "qwen", "qwen2_vl").returncode == 0
+    result = _cli("train", "--model_name_or_path", tmp_path / "qwen", "--dataset", demo_dir / "train.jsonl",
+                  "--image_root", demo_dir, "--output_dir", tmp_path / "out", "--max_steps", "2",
+                  "--logging_steps", "1", *TINY_FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    logs = [e for e in state["log_history"] if "rewards/accuracies" in e]
+    assert [e["step"] for e in logs] == [1, 2] and all(e["loss"] > 0 for e in logs)
+    saved = json.loads((tmp_path / "out" / "processor_config.json").read_text())
+    assert saved["processor_class"] == "Qwen2VLProcessor"
+
+
 def test_tiny_model_and_demo_data_commands(tmp_path):
     assert _cli("tiny-model", tmp_path / "m").returncode == 0
     assert (tmp_path / "m" / "config.json").exists()
+    result = _cli("tiny-model", tmp_path / "x", "gpt2")
+    assert result.returncode == 2 and "family 'gpt2': expected one of llava, qwen2_vl, qwen2_5_vl" in result.stderr
     assert _cli("demo-data", tmp_path / "d", 5).returncode == 0
     assert len((tmp_path / "d" / "train.jsonl").read_text().splitlines()) == 5
     assert len(list(Path(tmp_path / "d" / "images").iterdir())) == 5

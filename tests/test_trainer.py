@@ -1,5 +1,6 @@
 """The plain padded training path on the tiny LLaVA model: exact log-probs, learning, save and resume."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,29 +22,36 @@ def _config(tmp_path, **overrides):
     return parse_config([], values)
 
 
-def _independent_logps(model, item, answer_ids, pixel_values):
+def _independent_logps(model, item, answer_ids, image: dict, image_token_id: int):
     """One sequence alone through the model's own full-logits forward: sum of answer-token log-probs."""
     prompt = list(item["example"].prompt_ids)
     ids = torch.tensor([prompt + list(answer_ids)])
-    logits = model(input_ids=ids, pixel_values=pixel_values).logits[0].double()
+    token_types = {"mm_token_type_ids": (ids == image_token_id).long()} if "image_grid_thw" in image else {}
+    logits = model(input_ids=ids, **image, **token_types).logits[0].double()
     logp = torch.log_softmax(logits[:-1], -1).gather(1, ids[0, 1:, None]).squeeze(1)
     return logp[len(prompt) - 1 :].sum()
 
 
-def test_padded_branch_logps_match_each_sequence_alone(tmp_path):
-    model, processor = build_tiny_model()
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_padded_branch_logps_match_each_sequence_alone(tmp_path, family):
+    model, processor = build_tiny_model(family=family)
     args = _config(tmp_path)
-    dataset = prepare_dataset(args, processor, records=demo_records(n=5, seed=3), source="demo")
+    records = [dataclasses.replace(r, image=r.image.resize((32 + 24 * (r.index % 3), 32)))  # Qwen: three grids
+               for r in demo_records(n=5, seed=3)]
+    dataset = prepare_dataset(args, processor, records=records, source="demo")
     items = [dataset[i] for i in range(5)]
-    batch = PaddedCollator(processor.tokenizer.pad_token_id)(items)
+    image_id = processor.image_token_id
+    batch = PaddedCollator(processor.tokenizer.pad_token_id, image_id if family != "llava" else None)(items)
     assert batch["input_ids"].shape[0] == 15  # three branches of five examples
+    if family != "llava":
+        assert len({tuple(it["image"]["image_grid_thw"][0].tolist()) for it in items}) == 3
     with torch.no_grad():
         got = padded_branch_logps(model, batch)
         expected = torch.tensor([
             [
-                _independent_logps(model, it, it["example"].chosen_ids, it["image"]["pixel_values"]),
-                _independent_logps(model, it, it["example"].rejected_ids, it["image"]["pixel_values"]),
-                _independent_logps(model, it, it["example"].chosen_ids, it["corrupted_image"]["pixel_values"]),
+                _independent_logps(model, it, it["example"].chosen_ids, it["image"], image_id),
+                _independent_logps(model, it, it["example"].rejected_ids, it["image"], image_id),
+                _independent_logps(model, it, it["example"].chosen_ids, it["corrupted_image"], image_id),
             ]
             for it in items
         ], dtype=torch.float64)
