@@ -75,7 +75,9 @@ def prepare_model(model: nn.Module, args) -> tuple[nn.Module, nn.Module | None]:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
         return model, reference
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
 
+    set_seed(args.seed)  # LoRA's random A matrices: one seed, one run, however the model was loaded
     lora = LoraConfig(
         r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules=language_model_linear_names(model), bias="none",

@@ -102,6 +102,18 @@ def test_save_and_resume_reproduce_the_same_steps(tmp_path):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (step, a[step], b[step])
 
 
+def test_lora_initialisation_follows_the_seed(tmp_path):
+    from mdpo_fast.modeling import prepare_model
+
+    weights = []
+    for before in (1, 2):
+        model, _ = build_tiny_model()
+        torch.manual_seed(before)  # whatever consumed random numbers before (loading from disk does not seed)
+        policy, _ = prepare_model(model, _config(tmp_path, seed=3))
+        weights.append({n: p.detach().clone() for n, p in policy.named_parameters() if "lora_A" in n})
+    assert weights[0] and all(torch.equal(w, weights[1][n]) for n, w in weights[0].items())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precompute", [False, True], ids=["live-reference", "precomputed"])
 def test_full_finetuning_keeps_a_frozen_reference(tmp_path, precompute):
