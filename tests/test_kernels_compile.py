@@ -35,3 +35,8 @@ def test_shared_memory_fits_an_h100(compiled):
     for row in compiled:
         assert row["shared_bytes"] <= H100_SHARED_BYTES, row
         assert row["local"] == 0, row
+
+
+def test_no_kernel_spills_registers(compiled):
+    # A spill shows as stack bytes: per-thread local memory, read and written in the inner loops.
+    assert [row["kernel"] for row in compiled if row["stack"]] == []

@@ -37,9 +37,11 @@ class LogitsLogprobsConfig:
     num_warps: int
 
 
-LINEAR_FWD = LinearLogprobsConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
+# block_h=32: at 64 the sm_90 build spills registers (255 per thread, 168-184 bytes of stack, as
+# tests/compile_sm90.py reports); at 32 neither kernel spills. Not yet timed on a GPU.
+LINEAR_FWD = LinearLogprobsConfig(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3)
 # Backward holds the logit tile plus two dot outputs per step, so it takes half the rows.
-LINEAR_BWD = LinearLogprobsConfig(block_n=64, block_v=128, block_h=64, num_warps=8, num_stages=3, group_n=8)
+LINEAR_BWD = LinearLogprobsConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=3, group_n=8)
 LOGITS_FWD = LogitsLogprobsConfig(block_v=4096, num_warps=8)
 LOGITS_BWD = LogitsLogprobsConfig(block_v=4096, num_warps=8)
 
@@ -69,8 +71,8 @@ def _block(size: int, cap: int) -> int:
 
 
 def for_dtype(cfg: LinearLogprobsConfig, dtype: torch.dtype) -> LinearLogprobsConfig:
-    """fp32 operands take twice the shared memory per pipeline stage: half the hidden block keeps the backward
-    inside H100's 227 KiB (at block_h=64 it needs 240 KiB and cannot launch; see tests/compile_sm90.py)."""
+    """fp32 operands take twice the shared memory and registers of 16-bit ones: half the hidden block (the
+    fp32 backward at block_h=64 needed 240 KiB of shared memory, over H100's 227 KiB; tests/compile_sm90.py)."""
     return replace(cfg, block_h=cfg.block_h // 2) if dtype == torch.float32 else cfg
 
 
