@@ -51,9 +51,21 @@ def length_mix_records(n: int, seed: int = 0, scale: float = 0.25, image_size: i
                           "rejected": words(30, 300)}, i) for i in range(n)]
 
 
+def _random_bf16(model_cls, config, device: str):
+    """Random weights made straight on `device` in bf16 (no fp32 copy on the host first)."""
+    import torch
+
+    config._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            return model_cls(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def build_llava_7b(device: str):
     """Random weights in LLaVA-1.5-7B's shapes (CLIP ViT-L/14-336 + Llama-2-7B), bf16, built in code."""
-    import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from mdpo_fast.tiny import build_processor
@@ -66,19 +78,11 @@ def build_llava_7b(device: str):
                        pad_token_id=processor.tokenizer.pad_token_id)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=processor.image_token_id,
                          vision_feature_layer=-2, vision_feature_select_strategy="default")
-    config._attn_implementation = "sdpa"
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    return model, processor
+    return _random_bf16(LlavaForConditionalGeneration, config, device), processor
 
 
 def build_qwen25_vl_3b(device: str):
     """Random weights in Qwen2.5-VL-3B's shapes (its windowed ViT + merger, a 36-layer M-RoPE decoder), bf16."""
-    import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     from mdpo_fast.tiny import build_processor
@@ -94,14 +98,7 @@ def build_qwen25_vl_3b(device: str):
                   fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=processor.image_token_id,
                               tie_word_embeddings=True)
-    config._attn_implementation = "sdpa"
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    return model, processor
+    return _random_bf16(Qwen2_5_VLForConditionalGeneration, config, device), processor
 
 
 GPU_MODELS = {"llava-1.5-7b": (build_llava_7b, 336), "qwen2.5-vl-3b": (build_qwen25_vl_3b, 448)}
