@@ -2,13 +2,15 @@
 
 Qwen2-VL-family processors insist on a video processor, and transformers' video processors need
 torchvision. Preference training only reads images, so without torchvision the same processor class
-is built from its image processor and tokenizer alone (saved checkpoints still name the real class).
+is built from its image processor, tokenizer and chat template alone. What it saves still loads as the
+full processor where torchvision is installed.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 
 
 @functools.cache
@@ -18,28 +20,29 @@ def image_only(cls: type) -> type:
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        out = cls.save_pretrained(self, save_directory, *args, **kwargs)
+        # With no video entry in processor_config.json, AutoProcessor reads the image and video processors'
+        # settings from here, as in the hub checkpoints.
+        self.image_processor.to_json_file(os.path.join(save_directory, "preprocessor_config.json"))
+        return out
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "save_pretrained": save_pretrained,
+                                       "__module__": cls.__module__})
 
 
 def load_processor(path: str):
-    """`AutoProcessor.from_pretrained(path)`, or the image-only processor where the video processor needs
-    torchvision."""
+    """`AutoProcessor.from_pretrained(path)`; without torchvision, the image-only processor when the model's
+    processor needs a video processor."""
     import transformers
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
 
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except OSError as e:
-        if "video processor" not in str(e):
-            raise
-        name = _processor_class_name(path)
-        if name is None or not hasattr(transformers, name):
-            raise
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return image_only(getattr(transformers, name))(
-        image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tokenizer,
-        chat_template=tokenizer.chat_template,
-    )
+    name = None if is_torchvision_available() else _processor_class_name(path)
+    cls = getattr(transformers, name, None) if name else None
+    if cls is not None and "video_processor" in cls.get_attributes():
+        return image_only(cls).from_pretrained(path)
+    return AutoProcessor.from_pretrained(path)
 
 
 def _processor_class_name(path: str) -> str | None:
@@ -48,7 +51,7 @@ def _processor_class_name(path: str) -> str | None:
     for file in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
         resolved = cached_file(path, file, _raise_exceptions_for_missing_entries=False)
         if resolved:
-            with open(resolved) as f:
+            with open(resolved, encoding="utf-8") as f:
                 name = json.load(f).get("processor_class")
             if name:
                 return name

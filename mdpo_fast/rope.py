@@ -44,4 +44,6 @@ def mrope_positions(ids, image_token_id: int, grids, merge_size: int) -> tuple[t
             parts.append(torch.stack(axes).reshape(3, -1) + start)
             start += max(h, w)
             lo += t * h * w
+    if next(grids, None) is not None:
+        raise ValueError("more image_grid_thw rows than images in the prompt")
     return torch.cat(parts, dim=1), start

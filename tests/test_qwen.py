@@ -2,6 +2,7 @@
 padded one (which runs the model's own forward) with images of different sizes."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -66,6 +67,8 @@ def test_image_tokens_must_match_their_grid():
         mrope_positions([5, 9, 9, 9, 6], 9, torch.tensor([[1, 4, 4]]), 2)
     with pytest.raises(ValueError, match="no image_grid_thw row left"):
         mrope_positions([5, 9, 9, 9, 9, 9], 9, torch.tensor([[1, 4, 4]]), 2)
+    with pytest.raises(ValueError, match="more image_grid_thw rows than images"):
+        mrope_positions([5, 9, 9, 9, 9, 6], 9, torch.tensor([[1, 4, 4], [1, 4, 4]]), 2)
 
 
 def _step(policy, processor, dataset, tmp_path, ref_logps=None, **layout):
@@ -129,3 +132,35 @@ def test_flash_varlen_gets_1d_segment_positions_ahead_of_the_3d_ones(qwen_setup,
     assert rows > 1 and seen["attention_mask"] is None and positions.shape == (4, 1, rows * width)
     torch.testing.assert_close(positions[0, 0], batch["position_ids"].flatten())  # segments restart at 0
     torch.testing.assert_close(positions[1:, 0], batch["rope_position_ids"].flatten(1))
+
+
+def _hub_layout(processor, directory):
+    """A folder laid out as Qwen2-VL repos on the hub are: processor_class in preprocessor_config.json, the chat
+    template in chat_template.json, a video processor config beside them."""
+    directory.mkdir()
+    processor.tokenizer.save_pretrained(directory)
+    settings = {**processor.image_processor.to_dict(), "processor_class": "Qwen2VLProcessor"}
+    (directory / "preprocessor_config.json").write_text(json.dumps(settings))
+    (directory / "video_preprocessor_config.json").write_text(json.dumps(settings))
+    (directory / "chat_template.json").write_text(json.dumps({"chat_template": processor.chat_template}))
+    return directory
+
+
+def test_processors_load_from_the_hub_layout_and_from_our_checkpoints(tmp_path):
+    # Without torchvision (as here) through the image-only class; with it, through AutoProcessor.
+    from mdpo_fast.processors import load_processor
+    from mdpo_fast.tiny import build_processor
+
+    processor = build_processor("qwen2_vl")
+    processor.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "preprocessor_config.json").exists()  # what AutoProcessor falls back to
+    record = _records(n=1)[0]
+    prompt = processor.apply_chat_template(list(record.prompt), tokenize=False, add_generation_prompt=True)
+    want = processor(text=prompt, images=record.image, return_tensors="pt")
+    for folder in (tmp_path / "saved", _hub_layout(processor, tmp_path / "hub")):
+        loaded = load_processor(str(folder))
+        assert type(loaded).__name__ == "Qwen2VLProcessor"
+        assert loaded.apply_chat_template(list(record.prompt), tokenize=False, add_generation_prompt=True) == prompt
+        got = loaded(text=prompt, images=record.image, return_tensors="pt")
+        for key in ("input_ids", "pixel_values", "image_grid_thw"):
+            torch.testing.assert_close(got[key], want[key], msg=key)
