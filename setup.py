@@ -13,7 +13,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "transformers>=5.0",
         "peft>=0.17",
-        "accelerate>=1.0",
+        "accelerate>=1.15",  # its FSDP2 setup keeps the LM head unsharded between forward and backward
         "datasets>=3.0",
         "pillow",
         "numpy",

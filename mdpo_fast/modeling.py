@@ -148,19 +148,19 @@ def padded_branch_logps(model: nn.Module, batch: dict) -> torch.Tensor:
 def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM head's full `(weight [V, H], bias)`, also when the head is sharded.
 
-    FSDP2 keeps the head unsharded between the forward and the backward when it belongs to the root
-    module (its default: auto-wrap policies wrap decoder layers), so the fused loss uses it as it is and
-    FSDP reduce-scatters its gradient. A head wrapped on its own is a sharded DTensor by then: gathered
-    with `full_tensor()` when frozen (LoRA); trained, it is refused, since that gather's backward would
-    skip FSDP's gradient reduction. A DeepSpeed ZeRO-3 head: the same, gathered when frozen, refused when
-    trained.
+    FSDP2 as accelerate (>= 1.15) sets it up keeps the LM head's unit unsharded from the forward to the
+    backward (`reshard_after_forward=False` on `[final norm, lm_head]`): the fused loss uses the weight as
+    it is and FSDP reduce-scatters its gradient. A head resharded after the forward is a DTensor here:
+    gathered with `full_tensor()` when frozen (LoRA); trained, it is refused, since that gather's backward
+    would skip FSDP's gradient reduction. A DeepSpeed ZeRO-3 head: gathered when frozen, refused when trained.
     """
     head = unwrap(model).get_output_embeddings()
     weight, bias = head.weight, head.bias
     if hasattr(weight, "full_tensor"):  # an FSDP2-sharded DTensor
         if weight.requires_grad:
-            raise ValueError("the fused loss cannot train an LM head that FSDP shards on its own: leave it in "
-                             "the root module (do not wrap it apart) or use LoRA (the default)")
+            raise ValueError("the fused loss cannot train an LM head that FSDP reshards after the forward: keep "
+                             "its unit unsharded (reshard_after_forward=False, as accelerate >= 1.15 does) or "
+                             "use LoRA (the default)")
         return weight.full_tensor(), None if bias is None else bias.full_tensor()
     if hasattr(weight, "ds_id"):  # a DeepSpeed ZeRO-3 partitioned parameter
         if weight.requires_grad:

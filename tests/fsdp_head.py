@@ -1,9 +1,9 @@
 """Run by tests/test_distributed.py under torchrun (two CPU processes, gloo): `lm_head` under FSDP2.
 
-A head in the root module is used as it is and FSDP averages its gradient over the processes (checked
-on a toy model and on the tiny LLaVA, fully fine-tuned through the fused loss, sharded per decoder
-layer as accelerate's config does); a head sharded on its own is gathered when frozen and refused when
-trained.
+A head that FSDP keeps unsharded after the forward is used as it is and FSDP averages its gradient over
+the processes (checked on a toy model, and on the tiny LLaVA fully fine-tuned through the fused loss and
+sharded as accelerate 1.15 does: one unit per decoder layer, `[final norm, lm_head]` not resharded after
+the forward); a head resharded after the forward is gathered when frozen and refused when trained.
 """
 
 import copy
@@ -66,8 +66,11 @@ def _tiny_model_full_finetuning(rank: int, world: int) -> None:
         weight, bias = lm_head(m)
         return fused_linear_mdpo_loss(hidden, weight, labels, segments, ref_logps, bias=bias, num_examples=n)[0]
 
-    for layer in model.model.language_model.layers:
+    text = model.model.language_model
+    for layer in text.layers:
         fully_shard(layer)
+    fully_shard(text.embed_tokens)
+    fully_shard([text.norm, model.lm_head], reshard_after_forward=False)
     fully_shard(model)
     loss(model, rank).backward()
     sharded = dict(model.named_parameters())
@@ -87,7 +90,7 @@ def main():
     model = Toy()
     single = Toy()
     single.load_state_dict(model.state_dict())
-    fully_shard(model)  # the head stays in the root module
+    fully_shard(model)  # the head in the root module, which FSDP does not reshard after the forward
     _loss(model, *_data(rank)).backward()
     want = sum(torch.autograd.grad(_loss(single, *_data(r)), single.head.weight)[0] for r in range(world)) / world
     torch.testing.assert_close(model.head.weight.grad.full_tensor(), want)
@@ -106,7 +109,7 @@ def main():
             try:
                 lm_head(model)
             except ValueError as e:
-                assert "cannot train an LM head that FSDP shards on its own" in str(e), e
+                assert "cannot train an LM head that FSDP reshards after the forward" in str(e), e
             else:
                 raise AssertionError("a trained, separately sharded head was not refused")
     _tiny_model_full_finetuning(rank, world)
