@@ -51,9 +51,9 @@ class MDPOTrainer(Trainer):
     def __init__(self, model, args, train_dataset, processing_class, reference_model=None, **kwargs):
         pad_id = processing_class.tokenizer.pad_token_id or 0
         config = unwrap(model).config
-        merge_size = mrope_merge_size(config)
+        merge_size, token_types = mrope_merge_size(config), takes_token_types(model)
         if "data_collator" not in kwargs and args.packing:
-            if takes_token_types(model) and merge_size is None:
+            if token_types and merge_size is None:
                 raise ValueError(f"packing does not know the 3-D positions of {config.model_type} models: "
                                  "use --packing false")
             dense = config.get_text_config()._attn_implementation in ("sdpa", "eager")  # masked work still done
@@ -63,7 +63,7 @@ class MDPOTrainer(Trainer):
                 mrope_merge_size=merge_size,
             )
         kwargs.setdefault("data_collator", PaddedCollator(
-            pad_id, config.image_token_id if takes_token_types(model) else None))
+            pad_id, config.image_token_id if token_types else None))
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs
         )
