@@ -113,7 +113,8 @@ def main():
             else:
                 raise AssertionError("a trained, separately sharded head was not refused")
     _tiny_model_full_finetuning(rank, world)
-    print(f"rank {rank}: ok")
+    print(f"rank {rank}: ok", flush=True)
+    dist.barrier()  # no process tears gloo down while the other still has work in flight
     dist.destroy_process_group()
 
 

@@ -45,5 +45,5 @@ def test_two_processes_match_one(tmp_path):
 def test_lm_head_under_fsdp2_sharding():
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "tests/fsdp_head.py"], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "rank 0: ok" in result.stdout and "rank 1: ok" in result.stdout  # lines of two processes may interleave
