@@ -18,24 +18,26 @@ def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     return max(1, chunk_bytes // (4 * vocab_size))
 
 
-def _chunk_logits(hidden, weight, bias):
+def _chunk_logits(hidden, weight, bias, softcap):
     logits = (hidden @ weight.T).float()  # [rows, V]; matmul in the input dtype, as PyTorch does
-    return logits if bias is None else logits + bias.float()
+    logits = logits if bias is None else logits + bias.float()
+    return logits if softcap is None else torch.tanh(logits / softcap).mul_(softcap)
 
 
 def _cast(hidden, weight, bias):
     return weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
 
 
-def chunked_logprobs_fwd(hidden, weight, labels, bias, *, rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(logps, lse)`, both `[N]` fp32 and 0 outside `rows` (the `[M]` indices of rows with a label)."""
+def chunked_logprobs_fwd(hidden, weight, labels, bias, *, rows, softcap=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(logps, lse)`, both `[N]` fp32 and 0 outside `rows` (the `[M]` indices of rows with a label); `softcap`:
+    logits become `softcap * tanh(logits / softcap)` first, or None."""
     w, b = _cast(hidden, weight, bias)
     logps = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
     lse = torch.zeros_like(logps)
     step = chunk_rows(weight.shape[0])
     for start in range(0, rows.numel(), step):
         idx = rows[start : start + step]
-        logits = _chunk_logits(hidden[idx], w, b)
+        logits = _chunk_logits(hidden[idx], w, b, softcap)
         chunk_lse = torch.logsumexp(logits, dim=-1)
         lse[idx] = chunk_lse
         logps[idx] = logits.gather(1, labels[idx, None]).squeeze(1) - chunk_lse
@@ -43,7 +45,8 @@ def chunked_logprobs_fwd(hidden, weight, labels, bias, *, rows) -> tuple[torch.T
     return logps, lse
 
 
-def chunked_logprobs_bwd(grad_logps, hidden, weight, labels, lse, bias, *, rows, need_hidden, need_weight, need_bias):
+def chunked_logprobs_bwd(grad_logps, hidden, weight, labels, lse, bias, *, rows, need_hidden, need_weight, need_bias,
+                         softcap=None):
     """Gradients of `sum(grad_logps * logps)` for hidden, weight and bias (None where not needed)."""
     w, b = _cast(hidden, weight, bias)
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
@@ -55,8 +58,12 @@ def chunked_logprobs_bwd(grad_logps, hidden, weight, labels, lse, bias, *, rows,
         h = hidden[idx]
         g = grad_logps[idx].float()
         # d logp / d logits = onehot(label) - softmax, scaled per token by the upstream gradient
-        grad_logits = _chunk_logits(h, w, b).sub_(lse[idx, None]).exp_().mul_(-g[:, None])
+        logits = _chunk_logits(h, w, b, softcap)
+        grad_logits = (logits - lse[idx, None]).exp_().mul_(-g[:, None])
         grad_logits.scatter_add_(1, labels[idx, None], g[:, None])
+        if softcap is not None:  # through the cap: d(c tanh(x / c)) / dx = 1 - tanh^2
+            grad_logits.mul_(1 - (logits / softcap).square_())
+        del logits
         if need_bias:
             grad_bias += grad_logits.sum(0)
         grad_logits = grad_logits.to(hidden.dtype)

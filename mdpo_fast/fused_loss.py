@@ -26,6 +26,7 @@ class MDPOLossOptions:
     anchor: float = 0.0
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     ignore_index: int = -100
+    softcap: float | None = None
 
 
 class FusedLinearMDPOLoss(torch.autograd.Function):
@@ -38,11 +39,12 @@ class FusedLinearMDPOLoss(torch.autograd.Function):
         rows = valid_rows(labels, opts.ignore_index)
         if ref_hidden is not None:  # policy and reference rows in one launch: each weight tile serves both
             both = torch.cat([hidden, ref_hidden.to(hidden.dtype)])
-            logps, lse = opts.ops.fwd(both, weight, labels.repeat(2), bias, rows=torch.cat([rows, rows + n]))
+            logps, lse = opts.ops.fwd(both, weight, labels.repeat(2), bias, rows=torch.cat([rows, rows + n]),
+                                      softcap=opts.softcap)
             ref_logps = segment_logps(logps[n:], segment_ids, b)
             logps, lse = logps[:n], lse[:n]
         else:
-            logps, lse = opts.ops.fwd(hidden, weight, labels, bias, rows=rows)
+            logps, lse = opts.ops.fwd(hidden, weight, labels, bias, rows=rows, softcap=opts.softcap)
         policy_logps = segment_logps(logps, segment_ids, b)
         with torch.enable_grad():  # the [B, 3] loss is tiny: its gradient gives every token's upstream gradient
             leaf = policy_logps.detach().requires_grad_(True)
@@ -50,7 +52,7 @@ class FusedLinearMDPOLoss(torch.autograd.Function):
             (grad_policy,) = torch.autograd.grad(loss, leaf)
         token_grad = grad_policy.flatten()[segment_ids.clamp(min=0)]  # [N]; rows without a label are skipped
         ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, token_grad)
-        ctx.ops = opts.ops
+        ctx.opts = opts
         metrics = torch.stack([metrics[name] for name in METRIC_NAMES])
         ctx.mark_non_differentiable(metrics, policy_logps, ref_logps)
         return loss.detach(), metrics, policy_logps, ref_logps
@@ -59,9 +61,9 @@ class FusedLinearMDPOLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_metrics, _grad_policy, _grad_ref):
         hidden, weight, bias, labels, rows, lse, token_grad = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grads = ctx.ops.bwd(
+        grads = ctx.opts.ops.bwd(
             token_grad * grad_loss, hidden, weight, labels, lse, bias, rows=rows,
-            need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+            need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, softcap=ctx.opts.softcap,
         )
         return *grads, None, None, None, None, None
 
@@ -98,6 +100,7 @@ def fused_linear_mdpo_loss(
     ref_hidden: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     num_examples: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mDPO loss of DESIGN.md straight from hidden states, for all three branches of all examples at once.
 
@@ -111,6 +114,7 @@ def fused_linear_mdpo_loss(
         ref_hidden: `[N, H]` reference hidden states of the same tokens, when the reference shares this LM
             head (LoRA with adapters disabled): its log-probs come from the same launch, without gradient.
         num_examples: B when neither `ref_logps` gives it nor it should be read off `segment_ids`.
+        softcap: the model's final logit soft-capping (`softcap * tanh(logits / softcap)`, Gemma 2), or None.
 
     Returns:
         `(loss, metrics)`: the 0-d loss, differentiable in `hidden`, `weight` and `bias`; metrics as in
@@ -122,7 +126,7 @@ def fused_linear_mdpo_loss(
         >>> loss, metrics = fused_linear_mdpo_loss(h, w, labels, seg, torch.zeros(2, 3))
         >>> loss.backward()
     """
-    check_linear_inputs(hidden, weight, labels, ignore_index, bias)
+    check_linear_inputs(hidden, weight, labels, ignore_index, bias, softcap)
     w_all = check_loss_options(beta, weights)
     if ref_logps is None and ref_hidden is None:
         raise ValueError("give ref_logps ([B, 3]) or ref_hidden ([N, H])")
@@ -138,7 +142,7 @@ def fused_linear_mdpo_loss(
             raise ValueError(f"ref_logps has {ref_logps.shape[0]} rows but num_examples is {num_examples}")
         ref_logps = ref_logps.detach().float()
     num_examples = _check_segments(segment_ids, hidden.shape[0], num_examples)
-    opts = MDPOLossOptions(linear_ops(hidden.device), num_examples, beta, anchor, w_all, ignore_index)
+    opts = MDPOLossOptions(linear_ops(hidden.device), num_examples, beta, anchor, w_all, ignore_index, softcap)
     loss, metrics, policy_logps, ref_out = FusedLinearMDPOLoss.apply(
         hidden, weight, bias, labels, segment_ids, ref_logps, ref_hidden, opts
     )

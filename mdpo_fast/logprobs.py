@@ -14,6 +14,7 @@ from mdpo_fast.naive import token_logprobs_naive
 class LogprobOptions:
     ops: LinearOps
     ignore_index: int = -100
+    softcap: float | None = None
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -22,18 +23,18 @@ class LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, opts: LogprobOptions):
         rows = valid_rows(labels, opts.ignore_index)
-        logps, lse = opts.ops.fwd(hidden, weight, labels, bias, rows=rows)
+        logps, lse = opts.ops.fwd(hidden, weight, labels, bias, rows=rows, softcap=opts.softcap)
         ctx.save_for_backward(hidden, weight, bias, labels, rows, lse)
-        ctx.ops = opts.ops
+        ctx.opts = opts
         return logps
 
     @staticmethod
     def backward(ctx, grad_logps):
         hidden, weight, bias, labels, rows, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grads = ctx.ops.bwd(
+        grads = ctx.opts.ops.bwd(
             grad_logps, hidden, weight, labels, lse, bias, rows=rows,
-            need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias,
+            need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, softcap=ctx.opts.softcap,
         )
         return *grads, None, None
 
@@ -51,8 +52,10 @@ def _check_labels(labels, n: int, vocab_size: int, ignore_index: int) -> None:
         )
 
 
-def check_linear_inputs(hidden, weight, labels, ignore_index: int, bias=None) -> None:
+def check_linear_inputs(hidden, weight, labels, ignore_index: int, bias=None, softcap=None) -> None:
     """ValueError naming the argument, for anything `linear_token_logprobs` cannot take."""
+    if softcap is not None and not (isinstance(softcap, int | float) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     _check_matrix("hidden", hidden)
     _check_matrix("weight", weight)
     if weight.shape[1] != hidden.shape[1]:
@@ -103,6 +106,7 @@ def linear_token_logprobs(
     labels: torch.Tensor,
     ignore_index: int = -100,
     bias: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs of `labels` under `hidden @ weight.T (+ bias)`, never holding `[N, V]` logits.
 
@@ -112,6 +116,8 @@ def linear_token_logprobs(
         weight: `[V, H]` LM-head weight. Cast to `hidden.dtype` for the matmul; logits in fp32.
         labels: `[N]` next-token ids, `ignore_index` where no log-prob is wanted (costs no work).
         bias: optional `[V]` LM-head bias.
+        softcap: logits become `softcap * tanh(logits / softcap)` before the softmax, as models with final
+            logit soft-capping (Gemma 2, `final_logit_softcapping`) compute them; None for none.
 
     Returns:
         `[N]` float32 log-probs, 0 where ignored; differentiable in `hidden`, `weight` and `bias`.
@@ -121,8 +127,8 @@ def linear_token_logprobs(
         >>> linear_token_logprobs(h, w, torch.tensor([1, 2, -100, 4, 0])).shape
         torch.Size([5])
     """
-    check_linear_inputs(hidden, weight, labels, ignore_index, bias)
-    opts = LogprobOptions(linear_ops(hidden.device), ignore_index)
+    check_linear_inputs(hidden, weight, labels, ignore_index, bias, softcap)
+    opts = LogprobOptions(linear_ops(hidden.device), ignore_index, softcap)
     return LinearLogprobs.apply(hidden, weight, bias, labels, opts)
 
 

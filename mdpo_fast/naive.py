@@ -15,11 +15,15 @@ def token_logprobs_naive(logits: torch.Tensor, labels: torch.Tensor, ignore_inde
 
 
 def linear_token_logprobs_naive(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, bias=None
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, bias=None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """The same from hidden states: `[N, V]` logits in the input dtype, then fp32 log-softmax."""
+    """The same from hidden states: `[N, V]` logits in the input dtype, soft-capped as the model does it
+    (`softcap * tanh(logits / softcap)`, Gemma 2), then fp32 log-softmax."""
     logits = hidden @ weight.to(hidden.dtype).T
     if bias is not None:
         logits = logits + bias.to(hidden.dtype)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     return token_logprobs_naive(logits, labels, ignore_index)
 

@@ -48,24 +48,27 @@ def compile_one(kernel, types: dict, constexprs: dict, num_warps: int, num_stage
 
 def linear_variants():
     ints = {"labels_ptr": "*i64", "rows_ptr": "*i64", "n_rows": "i32", "blocks_per_split": "i32", "H": "i32",
-            "V": "i32", "stride_hn": "i64", "stride_wv": "i64"}
+            "V": "i32", "stride_hn": "i64", "stride_wv": "i64", "softcap": "fp32"}
     fp32 = {"lse_part_ptr": "*fp32", "label_part_ptr": "*fp32", "lse_ptr": "*fp32", "grad_logps_ptr": "*fp32",
             "grad_hidden_ptr": "*fp32", "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32"}
     for dtype, ptr in DTYPES.items():
-        for bias in (False, True):
+        for bias, softcap in ((False, False), (True, False), (False, True)):  # softcap: Gemma 2's final logits
             types = {**ints, **fp32, "hidden_ptr": ptr, "weight_ptr": ptr, "bias_ptr": ptr}
-            base = {"HAS_BIAS": bias, "EMULATE_BF16": False, "DOT_PRECISION": "tf32"}
+            base = {"HAS_BIAS": bias, "EMULATE_BF16": False, "DOT_PRECISION": "tf32", "SOFTCAP": softcap}
             if not bias:
                 base["bias_ptr"] = None
+            if not softcap:
+                base["softcap"] = None
+            variant = ("bias" if bias else "nobias") + ("-softcap" if softcap else "")
             cfg = for_dtype(LINEAR_FWD, TORCH_DTYPES[dtype])
-            yield (f"linear_fwd-{dtype}-{'bias' if bias else 'nobias'}", lin._linear_logprobs_fwd_kernel, types,
+            yield (f"linear_fwd-{dtype}-{variant}", lin._linear_logprobs_fwd_kernel, types,
                    {**base, "BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_H": cfg.block_h}, cfg)
             cfg = for_dtype(LINEAR_BWD, TORCH_DTYPES[dtype])
             for need in ("dh+dw", "dh"):  # full fine-tuning / LoRA (frozen LM head: no weight gradient)
                 flags = {"HAS_DH": True, "HAS_DW": need == "dh+dw", "HAS_DB": bias and need == "dh+dw"}
                 nones = {f"grad_{k}_ptr": None for k, on in (("weight", flags["HAS_DW"]), ("bias", flags["HAS_DB"]))
                          if not on}
-                yield (f"linear_bwd-{dtype}-{'bias' if bias else 'nobias'}-{need}", lin._linear_logprobs_bwd_kernel,
+                yield (f"linear_bwd-{dtype}-{variant}-{need}", lin._linear_logprobs_bwd_kernel,
                        types, {**base, **flags, **nones, "BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v,
                                "BLOCK_H": cfg.block_h, "GROUP_N": cfg.group_n}, cfg)
 

@@ -21,7 +21,7 @@ def backend(request, monkeypatch):
     return request.param
 
 
-def independent_loss(hidden, weight, labels, segment_ids, ref_logps, beta, anchor, weights, bias=None):
+def independent_loss(hidden, weight, labels, segment_ids, ref_logps, beta, anchor, weights, bias=None, softcap=None):
     """DESIGN.md with plain torch ops in the inputs' dtype, one segment at a time (no mdpo_fast code)."""
     b = ref_logps.shape[0]
     policy = []
@@ -30,6 +30,8 @@ def independent_loss(hidden, weight, labels, segment_ids, ref_logps, beta, ancho
         logits = hidden[take] @ weight.to(hidden.dtype).T
         if bias is not None:
             logits = logits + bias.to(hidden.dtype)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
         logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
         policy.append(logp.gather(1, labels[take][:, None]).sum())
     policy = torch.stack(policy).view(b, 3)
@@ -99,6 +101,25 @@ def test_matches_independent_float64(backend, seed, n, h, v, b, dtype):
     torch.testing.assert_close(metrics["policy_logps"].double(), exact_policy.detach(), rtol=0,
                                atol=1e-4 if dtype == torch.float32 else 0.5)
     assert metrics["policy_logps"][0, 1] == 0  # the segment whose labels are all ignored sums to 0
+
+
+def test_softcapped_logits(backend):
+    """Final logit soft-capping (Gemma 2) inside the fused loss, both backends, against the independent loss."""
+    hidden, weight, bias, labels, segment_ids, ref_logps, options, upstream = _case(1, 41, 24, 130, 3)
+    hidden = 4 * hidden  # logits past the cap
+
+    def ours(h_, w_, b_):
+        return fused_linear_mdpo_loss(h_, w_, labels, segment_ids, ref_logps.float(), bias=b_, softcap=1.5, **options)
+
+    def independent(h_, w_, b_):
+        return independent_loss(h_, w_, labels, segment_ids, ref_logps, bias=b_, softcap=1.5, **options)
+
+    exact, exact_policy = _grads(independent, hidden, weight, bias, upstream)
+    got, metrics = _grads(ours, *(t.float() for t in (hidden, weight, bias)), upstream)
+    for name, a, e in zip(("loss", "d_hidden", "d_weight", "d_bias"), got, exact, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=name)
+    uncapped, _ = independent_loss(hidden, weight, labels, segment_ids, ref_logps, bias=bias, **options)
+    assert (uncapped - exact[0]).abs() > 1e-2  # the cap matters here
 
 
 def test_token_order_does_not_matter(backend):

@@ -40,6 +40,7 @@ class Case:
     layout: str = "contiguous"  # "transposed": unit stride along N; "row_stride": a column slice of a wider tensor
     weight_dtype: torch.dtype | None = None  # None: the input dtype
     ignore_index: int = -100
+    softcap: float | None = None  # Gemma 2's final logit soft-capping
 
     @property
     def id(self) -> str:
@@ -49,6 +50,7 @@ class Case:
         parts += [self.layout] if self.layout != "contiguous" else []
         parts += [f"weight-{DTYPE_NAMES[self.weight_dtype]}"] if self.weight_dtype else []
         parts += [f"ignore{self.ignore_index}"] if self.ignore_index != -100 else []
+        parts += [f"softcap{self.softcap:g}"] if self.softcap else []
         return "-".join(parts)
 
 
@@ -58,8 +60,8 @@ def triton_backend(monkeypatch):
     monkeypatch.setenv("MDPO_FAST_BACKEND", "triton")
 
 
-def triton_linear(hidden, weight, labels, ignore_index=-100, bias=None):
-    return linear_token_logprobs(hidden, weight, labels, ignore_index, bias)
+def triton_linear(hidden, weight, labels, ignore_index=-100, bias=None, softcap=None):
+    return linear_token_logprobs(hidden, weight, labels, ignore_index, bias, softcap)
 
 
 def _params(cases):
@@ -79,6 +81,8 @@ LINEAR_CASES = _params(
         Case(37, 48, 1001, torch.float32, bias=True, layout="row_stride"),
         Case(37, 48, 1001, torch.bfloat16, bias=True, weight_dtype=torch.float32),
         Case(19, 24, 130, torch.float16, ignore_index=-1),
+        Case(37, 48, 1001, softcap=1.5),  # a cap below the logits' spread: it changes them
+        Case(37, 48, 1001, torch.bfloat16, bias=True, softcap=1.5),
     ]
 )
 LOGITS_CASES = _params(
@@ -131,7 +135,7 @@ def _leaves(tensors, dtype=None):
 
 def _run_linear(fn, hidden, weight, bias, labels, grad, case, dtype=None):
     h, w, b = _leaves([hidden, weight, bias], dtype)
-    out = fn(h, w, labels, ignore_index=case.ignore_index, bias=b)
+    out = fn(h, w, labels, ignore_index=case.ignore_index, bias=b, softcap=case.softcap)
     out.backward(grad.to(out.dtype))
     return {"logps": out, "d_hidden": h.grad, "d_weight": w.grad} | ({"d_bias": b.grad} if b is not None else {})
 

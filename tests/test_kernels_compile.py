@@ -26,7 +26,7 @@ def test_every_kernel_variant_compiles(compiled):
     names = {row["kernel"] for row in compiled}
     for dtype in ("bf16", "fp16", "fp32"):
         assert {f"logits_fwd-{dtype}", f"logits_bwd-{dtype}"} <= names
-        for bias in ("bias", "nobias"):
+        for bias in ("bias", "nobias", "nobias-softcap"):
             assert {f"linear_fwd-{dtype}-{bias}", f"linear_bwd-{dtype}-{bias}-dh+dw",
                     f"linear_bwd-{dtype}-{bias}-dh"} <= names
 

@@ -73,6 +73,26 @@ def test_linear_matches_full_logits(n, h, v, dtype, with_bias, chunk_rows):
     assert (got[0][labels == -100] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softcapped_logits_match_the_models_formula(dtype, chunk_rows):
+    """Gemma 2's `c * tanh(logits / c)` before the softmax: forward and gradients, against full logits."""
+    hidden, weight, bias, labels, grad = _inputs(37, 48, 1001, dtype)
+    hidden = 3 * hidden  # logits spread well past the cap
+
+    def ours(h_, w_, lab):
+        return linear_token_logprobs(h_, w_, lab, softcap=2.0)
+
+    def naive(h_, w_, lab):
+        return linear_token_logprobs_naive(h_, w_, lab, softcap=2.0)
+
+    exact = _run(naive, [hidden, weight], labels, grad)
+    same = [t.to(dtype) for t in (hidden, weight)]
+    _assert_no_worse(_run(ours, same, labels, grad), _run(naive, same, labels, grad), exact, dtype,
+                     ("d_hidden", "d_weight"))
+    uncapped = linear_token_logprobs_naive(hidden, weight, labels)
+    assert (uncapped - exact[0]).abs().max() > 1.0  # the cap matters at this spread
+
+
 def test_all_ignored_and_empty(chunk_rows):
     hidden, weight, _, labels, grad = _inputs(6, 8, 11, torch.float32)
     h = hidden.float().requires_grad_(True)

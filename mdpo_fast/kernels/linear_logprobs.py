@@ -56,8 +56,11 @@ def _logit_tile(
     HAS_BIAS: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    softcap,  # float, or None
+    SOFTCAP: tl.constexpr,
 ):
-    """`hidden[rows] @ weight[offs_v].T (+ bias)` as a `[BLOCK_N, BLOCK_V]` fp32 tile."""
+    """`hidden[rows] @ weight[offs_v].T (+ bias)` as a `[BLOCK_N, BLOCK_V]` fp32 tile, soft-capped to
+    `softcap * tanh(logits / softcap)` with SOFTCAP (Gemma 2's final logits)."""
     x_row = hidden_ptr + rows[:, None] * stride_hn
     w_row = weight_ptr + offs_v.to(tl.int64)[:, None] * stride_wv
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
@@ -72,10 +75,13 @@ def _logit_tile(
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if SOFTCAP:  # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates to +-1 without overflow trouble
+        acc = softcap * (1.0 - 2.0 / (tl.exp(2.0 * acc / softcap) + 1.0))
     return acc
 
 
-@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None, "EMULATE_BF16": _emulate_bf16})
+@triton.heuristics({"HAS_BIAS": lambda args: args["bias_ptr"] is not None, "EMULATE_BF16": _emulate_bf16,
+                    "SOFTCAP": lambda args: args["softcap"] is not None})
 @triton.jit(do_not_specialize=["n_rows", "blocks_per_split"])
 def _linear_logprobs_fwd_kernel(
     hidden_ptr,  # [N, H] float, unit stride along H
@@ -85,6 +91,7 @@ def _linear_logprobs_fwd_kernel(
     rows_ptr,  # [M] int64: rows whose label is not ignored
     lse_part_ptr,  # [S, M] fp32: log-sum-exp of each row over one vocab slice
     label_part_ptr,  # [S, M] fp32: the label's logit if it lies in the slice, else 0
+    softcap,  # float, or None
     n_rows,  # M; changes every batch, so never a constexpr
     blocks_per_split,  # vocab blocks per slice
     H,
@@ -97,6 +104,7 @@ def _linear_logprobs_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -115,7 +123,7 @@ def _linear_logprobs_fwd_kernel(
         col_mask = offs_v < V
         logits = _logit_tile(
             hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, offs_v, col_mask, H, stride_hn, stride_wv,
-            BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, EMULATE_BF16, DOT_PRECISION,
+            BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, EMULATE_BF16, DOT_PRECISION, softcap, SOFTCAP,
         )
         logits = tl.where(col_mask[None, :], logits, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, axis=1))
@@ -135,6 +143,7 @@ def _linear_logprobs_fwd_kernel(
         "HAS_DW": lambda args: args["grad_weight_ptr"] is not None,
         "HAS_DB": lambda args: args["grad_bias_ptr"] is not None,
         "EMULATE_BF16": _emulate_bf16,
+        "SOFTCAP": lambda args: args["softcap"] is not None,
     }
 )
 @triton.jit(do_not_specialize=["n_rows"])
@@ -149,6 +158,7 @@ def _linear_logprobs_bwd_kernel(
     grad_hidden_ptr,  # [N, H] fp32 zeros, contiguous; or None
     grad_weight_ptr,  # [V, H] fp32 zeros, contiguous; or None
     grad_bias_ptr,  # [V] fp32 zeros; or None
+    softcap,  # float, or None
     n_rows,  # M; changes every batch, so never a constexpr
     H,
     V,
@@ -164,6 +174,7 @@ def _linear_logprobs_bwd_kernel(
     HAS_DB: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     # Grouped order: GROUP_N row blocks sweep the vocab side by side, so each weight tile is read from L2.
     pid = tl.program_id(0)
@@ -185,11 +196,13 @@ def _linear_logprobs_bwd_kernel(
 
     logits = _logit_tile(
         hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, offs_v, col_mask, H, stride_hn, stride_wv,
-        BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, EMULATE_BF16, DOT_PRECISION,
+        BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, EMULATE_BF16, DOT_PRECISION, softcap, SOFTCAP,
     )
     # d logp / d logits = onehot(label) - softmax; padding lanes forced to 0 (exp may overflow there)
     onehot = tl.where(offs_v[None, :] == labels[:, None], 1.0, 0.0)
     grad = g[:, None] * (onehot - tl.exp(logits - lse[:, None]))  # [BN, BV] fp32
+    if SOFTCAP:  # through the cap: d(c tanh(x / c)) / dx = 1 - tanh^2
+        grad = grad * (1.0 - (logits / softcap) * (logits / softcap))
     grad = tl.where(row_mask[:, None] & col_mask[None, :], grad, 0.0)
     if HAS_DB:
         tl.atomic_add(grad_bias_ptr + offs_v, tl.sum(grad, axis=0), mask=col_mask, sem="relaxed")
@@ -241,6 +254,7 @@ def linear_logprobs_fwd(
     ignore_index: int = -100,
     rows: torch.Tensor | None = None,
     config: LinearLogprobsConfig | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and log-sum-exps of `labels` under `hidden @ weight.T (+ bias)`.
 
@@ -248,6 +262,7 @@ def linear_logprobs_fwd(
         hidden: `[N, H]` bf16, fp16 or fp32. weight: `[V, H]`, cast to `hidden.dtype`. bias: `[V]` or None.
         labels: `[N]` int, `ignore_index` where no log-prob is wanted.
         rows: `valid_rows(labels, ignore_index)` if the caller already has it (saves a host sync).
+        softcap: logits become `softcap * tanh(logits / softcap)` first (Gemma 2), or None.
 
     Returns:
         `(logps, lse)`, both `[N]` fp32 and 0 on ignored rows.
@@ -269,7 +284,7 @@ def linear_logprobs_fwd(
     lse_part = torch.empty(splits, m, dtype=torch.float32, device=hidden.device)
     label_part = torch.empty(splits, m, dtype=torch.float32, device=hidden.device)
     _linear_logprobs_fwd_kernel[(n_row_blocks, splits)](
-        hidden, weight, bias, labels, rows, lse_part, label_part, m, per_split, h, v,
+        hidden, weight, bias, labels, rows, lse_part, label_part, softcap, m, per_split, h, v,
         hidden.stride(0), weight.stride(0),
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, DOT_PRECISION=dot_precision(hidden.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -293,6 +308,7 @@ def linear_logprobs_bwd(
     need_weight: bool = True,
     need_bias: bool | None = None,
     config: LinearLogprobsConfig | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of `sum(grad_logps * logps)` for `hidden`, `weight` and `bias`, recomputing the logits.
 
@@ -300,6 +316,7 @@ def linear_logprobs_bwd(
         grad_logps: `[N]` upstream gradient (any float dtype; ignored rows are skipped whatever it holds).
         lse: `[N]` fp32 log-sum-exps from `linear_logprobs_fwd`.
         need_hidden / need_weight / need_bias: which gradients to form (`need_bias` defaults to `bias is not None`).
+        softcap: as given to the forward.
 
     Returns:
         `(grad_hidden [N, H], grad_weight [V, H], grad_bias [V])` in the dtypes of the inputs, None where not needed.
@@ -324,7 +341,7 @@ def linear_logprobs_bwd(
         grid = (triton.cdiv(m, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
         _linear_logprobs_bwd_kernel[grid](
             hidden, weight, bias, labels, rows, lse.float().contiguous(), grad_logps.float().contiguous(),
-            grad_hidden, grad_weight, grad_bias, m, h, v, hidden.stride(0), weight.stride(0),
+            grad_hidden, grad_weight, grad_bias, softcap, m, h, v, hidden.stride(0), weight.stride(0),
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP_N=cfg.group_n,
             DOT_PRECISION=dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
