@@ -11,22 +11,23 @@ from __future__ import annotations
 import torch
 
 from mdpo_fast.collate import IGNORE_INDEX, pad_rows
+from mdpo_fast.families import family_for
 from mdpo_fast.loss import mdpo_loss
-from mdpo_fast.modeling import reference_context, takes_token_types, unwrap
+from mdpo_fast.modeling import reference_context, unwrap
 from mdpo_fast.trainer import MDPOTrainer
 
 
 class PublishedCollator:
-    def __init__(self, pad_token_id: int, image_token_id: int | None = None):
+    def __init__(self, pad_token_id: int, family=None, config=None):
         self.pad_token_id = pad_token_id
-        self.image_token_id = image_token_id  # given for models that take mm_token_type_ids
+        self.family, self.config = family, config  # the model's per-token inputs (token types)
 
     def __call__(self, items):
         exs = [it["example"] for it in items]
         pair = pad_rows([(e.prompt_ids, e.chosen_ids) for e in exs] + [(e.prompt_ids, e.rejected_ids) for e in exs],
-                       [it["image"] for it in items] * 2, self.pad_token_id, self.image_token_id)
+                       [it["image"] for it in items] * 2, self.pad_token_id, self.family, self.config)
         corrupted = pad_rows([(e.prompt_ids, e.chosen_ids) for e in exs], [it["corrupted_image"] for it in items],
-                            self.pad_token_id, self.image_token_id)
+                            self.pad_token_id, self.family, self.config)
         tokens = pair["input_ids"].numel() + corrupted["input_ids"].numel()
         real = int(pair["attention_mask"].sum() + corrupted["attention_mask"].sum())
         return {"pair": pair, "corrupted": corrupted,
@@ -35,7 +36,7 @@ class PublishedCollator:
 
 def sequence_logps(model, batch) -> torch.Tensor:
     """Sum of answer-token log-probs per row, from full fp32 logits."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "text_inputs")} | batch.get("text_inputs", {})
     logits = model(**inputs, use_cache=False).logits.to(torch.float32)  # [rows, T, V]
     labels = batch["labels"][:, 1:].clone()
     mask = labels != IGNORE_INDEX
@@ -55,9 +56,9 @@ class PublishedStepTrainer(MDPOTrainer):
 
     def __init__(self, model, args, train_dataset, processing_class, **kwargs):
         pad_id = processing_class.tokenizer.pad_token_id or 0
-        image_id = unwrap(model).config.image_token_id if takes_token_types(model) else None
+        config = unwrap(model).config
         super().__init__(model, args, train_dataset, processing_class,
-                         data_collator=PublishedCollator(pad_id, image_id), **kwargs)
+                         data_collator=PublishedCollator(pad_id, family_for(config), config), **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with reference_context(model, self.reference_model):

@@ -12,8 +12,9 @@ commands:
   train        train a model: mdpo-fast train --model_name_or_path DIR --dataset data.jsonl --output_dir out
                [--config run.yaml] [any MDPOConfig / TrainingArguments flag]
   demo         train the tiny built-in model on synthetic data on CPU (accepts the same flags)
-  tiny-model   mdpo-fast tiny-model DIR [llava|qwen2_vl|qwen2_5_vl]: write a tiny random-weight model of that
-               family (LLaVA by default) and its processor
+  tiny-model   mdpo-fast tiny-model DIR [FAMILY]: write a tiny random-weight model of a family (a model type:
+               llava (default), llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, glm4v, gemma3,
+               paligemma, paligemma2, internvl, aya_vision, idefics3, smolvlm, mistral3) and its processor
   demo-data    mdpo-fast demo-data DIR [N]: write the synthetic set as DIR/train.jsonl + DIR/images/
 """
 
@@ -84,17 +85,27 @@ def _resume_arg(value):
 def run_training(args, model=None, processor=None, records=None, source=None):
     """Validate the data, load the model, train, save. Returns the trainer."""
     from mdpo_fast.data import prepare_dataset
+    from mdpo_fast.families import family_for
     from mdpo_fast.modeling import load_model, prepare_model
     from mdpo_fast.trainer import MDPOTrainer
 
+    if model is None and args.model_name_or_path is None:
+        raise ValueError("no model given: pass --model_name_or_path DIR_OR_HUB_ID")
+    if model is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(args.model_name_or_path)
+    else:
+        config = model.config
+    family = family_for(config)
+    if family.refusal:  # before any weight loads
+        raise ValueError(f"{config.model_type} models cannot train here: {family.refusal}")
     if processor is None:
         from mdpo_fast.processors import load_processor
 
-        if args.model_name_or_path is None:
-            raise ValueError("no model given: pass --model_name_or_path DIR_OR_HUB_ID")
-        processor = load_processor(args.model_name_or_path)
+        processor = load_processor(args.model_name_or_path, family)
     # Data first: a bad record stops the run before the model is loaded or a GPU is touched.
-    dataset = prepare_dataset(args, processor, records=records, source=source)
+    dataset = prepare_dataset(args, processor, records=records, source=source, family=family)
     if model is None:
         model, reference = load_model(args)
     else:

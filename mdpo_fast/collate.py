@@ -15,7 +15,8 @@ IGNORE_INDEX = -100
 # image_grid_thw, mm_token_type_ids, ...).
 LAYOUT_KEYS = frozenset({
     "input_ids", "attention_mask", "position_ids", "rope_position_ids", "labels", "predictor_index",
-    "target_ids", "segment_ids", "image_order", "example_index", "stats", "ref_logps", "unit_ids", "roles",
+    "target_ids", "segment_ids", "example_index", "stats", "ref_logps", "unit_ids", "roles", "groups",
+    "text_inputs",
 })
 
 
@@ -24,14 +25,29 @@ def image_inputs(batch: dict) -> dict:
 
 
 def concat_image_inputs(image_inputs: list[dict]) -> dict:
-    """Concatenate per-image processor outputs (pixel_values, image_grid_thw, ...) in the given order."""
-    return {key: torch.cat([x[key] for x in image_inputs]) for key in image_inputs[0]}
+    """Concatenate per-image processor outputs (pixel_values, image_sizes, image_grid_thw, ...) in the given
+    order, zero-padding every dimension but the first to the largest, as processors pad a batch (tile counts
+    and image sizes differ per image; the model reads the real ones from image_sizes or its masks)."""
+    batch = {}
+    for key in image_inputs[0]:
+        parts = [torch.as_tensor(x[key]) for x in image_inputs]
+        shape = [max(sizes) for sizes in zip(*(p.shape[1:] for p in parts), strict=True)]
+        batch[key] = torch.cat([_pad_to(p, shape) for p in parts])
+    return batch
 
 
-def pad_rows(rows: list[tuple], images: list[dict], pad_token_id: int, image_token_id: int | None = None) -> dict:
+def _pad_to(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    if list(x.shape[1:]) == shape:
+        return x
+    out = x.new_zeros((x.shape[0], *shape))
+    out[(slice(None), *(slice(0, n) for n in x.shape[1:]))] = x
+    return out
+
+
+def pad_rows(rows: list[tuple], images: list[dict], pad_token_id: int, family=None, config=None) -> dict:
     """`(prompt_ids, answer_ids)` rows right-padded to one width: input_ids, attention_mask, labels (answer
-    tokens at their own positions, shifted where log-probs are taken) and the rows' image inputs. With
-    `image_token_id`, also `mm_token_type_ids` (1 on image tokens), which M-RoPE models need for positions."""
+    tokens at their own positions, shifted where log-probs are taken), the rows' image inputs and the
+    per-token inputs the model's `family` adapter asks for (token types), under `text_inputs`."""
     width = max(len(p) + len(a) for p, a in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -43,17 +59,17 @@ def pad_rows(rows: list[tuple], images: list[dict], pad_token_id: int, image_tok
         labels[r, len(prompt):n] = torch.tensor(answer)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
              **concat_image_inputs(images)}
-    if image_token_id is not None:
-        batch["mm_token_type_ids"] = (input_ids == image_token_id).long()
+    if family is not None:
+        batch["text_inputs"] = family.text_inputs(input_ids, labels != IGNORE_INDEX, config)
     return batch
 
 
 class PaddedCollator:
-    """`image_token_id`: given for models that take `mm_token_type_ids` (the Qwen2-VL family)."""
+    """`family`, `config`: the model's family adapter and config, for its per-token inputs (none if None)."""
 
-    def __init__(self, pad_token_id: int, image_token_id: int | None = None):
+    def __init__(self, pad_token_id: int, family=None, config=None):
         self.pad_token_id = pad_token_id
-        self.image_token_id = image_token_id
+        self.family, self.config = family, config
 
     def __call__(self, items: list[dict]) -> dict:
         rows, images = [], []
@@ -62,7 +78,7 @@ class PaddedCollator:
                 ex = item["example"]
                 rows.append((ex.prompt_ids, ex.rejected_ids if branch == REJECTED else ex.chosen_ids))
                 images.append(item["corrupted_image" if branch == CORRUPTED else "image"])
-        batch = pad_rows(rows, images, self.pad_token_id, self.image_token_id)
+        batch = pad_rows(rows, images, self.pad_token_id, self.family, self.config)
         mask = batch["attention_mask"]
         batch["example_index"] = torch.tensor([item["example"].index for item in items])
         # tokens, padding tokens, images through the vision tower: counters for the logs

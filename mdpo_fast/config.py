@@ -31,6 +31,11 @@ class MDPOConfig(TrainingArguments):
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to train on (Hugging Face datasets)."})
     image_root: str | None = field(default=None, metadata={"help": "Directory that relative image paths are under."})
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "A Jinja chat template, or a file holding one, replacing the processor's; needed only for "
+                  "models whose processor has none and whose family documents no prompt format."},
+    )
     skip_bad_records: bool = field(
         default=False, metadata={"help": "Drop and count invalid records instead of stopping before training."}
     )

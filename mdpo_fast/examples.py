@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from mdpo_fast.corruption import AREA, RATIO, corrupt_image
+from mdpo_fast.families.base import Family
 from mdpo_fast.records import DataError, Record, load_image
 
 
@@ -19,6 +20,10 @@ class Example:
     prompt_ids: tuple[int, ...]  # chat-templated prompt, image tokens expanded
     chosen_ids: tuple[int, ...]  # answer tokens, end-of-turn included
     rejected_ids: tuple[int, ...]
+    # the chat-templated texts the ids came from, for the run-time check against the model's plain forward
+    prompt_text: str = ""
+    chosen_text: str = ""
+    rejected_text: str = ""
 
 
 def _answer_text(processor, prompt_messages, answer: str, prompt_text: str) -> str:
@@ -47,13 +52,14 @@ def tokenize_record(record: Record, processor, max_length: int) -> tuple[Example
             f"prompt takes {len(prompt_ids)} tokens ({n_image} of them image tokens), leaving no room for the "
             f"answer within max_length={max_length}; truncating would cut the image tokens, raise max_length"
         )
-    answers, truncated = [], False
+    answers, texts, truncated = [], [], False
     for answer in (record.chosen, record.rejected):
         text = _answer_text(processor, record.prompt, answer, prompt_text)
         ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         truncated |= len(ids) > room
         answers.append(tuple(ids[:room]))
-    return Example(record.index, record.image, tuple(prompt_ids), *answers), truncated
+        texts.append(text)
+    return Example(record.index, record.image, tuple(prompt_ids), *answers, prompt_text, *texts), truncated
 
 
 def build_examples(
@@ -73,28 +79,40 @@ def build_examples(
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Examples with their images processed on access: the original and the corrupted one."""
+    """Examples with their images processed on access, the original and the corrupted one, through the model
+    family's `image_inputs` (the generic one when `family` is None)."""
 
-    def __init__(self, examples: list[Example], image_processor, *, seed: int, area=AREA, ratio=RATIO):
+    def __init__(self, examples: list[Example], processor, family=None, *, seed: int, area=AREA, ratio=RATIO):
         if not examples:
             raise DataError(["no usable examples"])
         self.examples = examples
-        self.image_processor = image_processor
+        self._rows = {ex.index: i for i, ex in enumerate(examples)}
+        self.processor = processor
+        self.family = family or Family()
         self.seed, self.area, self.ratio = seed, tuple(area), tuple(ratio)
         self.ref_logps: dict[int, torch.Tensor] | None = None  # precomputed reference log-probs by record index
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> dict:
+    def row_of(self, index: int) -> int:
+        """The dataset row of the example with record index `index`."""
+        return self._rows[index]
+
+    def images(self, i: int):
+        """The example's image and its corruption, as PIL images."""
         ex = self.examples[i]
         image = load_image(ex.image)
-        corrupted = corrupt_image(image, self.seed, ex.index, self.area, self.ratio)
+        return image, corrupt_image(image, self.seed, ex.index, self.area, self.ratio)
+
+    def __getitem__(self, i: int) -> dict:
+        ex = self.examples[i]
+        image, corrupted = self.images(i)
         # One processor call per image, so batches can concatenate them in any order, whatever the family.
         item = {
             "example": ex,
-            "image": dict(self.image_processor(images=image, return_tensors="pt")),
-            "corrupted_image": dict(self.image_processor(images=corrupted, return_tensors="pt")),
+            "image": self.family.image_inputs(self.processor, image),
+            "corrupted_image": self.family.image_inputs(self.processor, corrupted),
         }
         if self.ref_logps is not None:
             item["ref_logps"] = self.ref_logps[ex.index]

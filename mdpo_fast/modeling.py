@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 
 import torch
 from torch import nn
 
 from mdpo_fast.collate import IGNORE_INDEX, image_inputs
+from mdpo_fast.families.base import family_for
 from mdpo_fast.logprobs import linear_token_logprobs, segment_logps
 from mdpo_fast.loss import NUM_BRANCHES
 from mdpo_fast.packing import SECOND_ANSWER, attention_mask, block_mask
@@ -30,27 +32,23 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def language_model_linear_names(model: nn.Module) -> list[str]:
     """Every linear layer of the language model (LoRA targets); the vision tower, projector and LM head excluded."""
+    decoder = family_for(unwrap(model).config).language_model
     names = [
         name for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and ".language_model." in f".{name}."
+        if isinstance(module, nn.Linear) and f".{decoder}." in f".{name}."
     ]
     if not names:
-        raise ValueError(f"{type(model).__name__} has no linear layers under a 'language_model' module")
+        raise ValueError(f"{type(model).__name__} has no linear layers under a {decoder!r} module")
     return names
-
-
-def takes_token_types(model: nn.Module) -> bool:
-    """Whether the model computes 3-D positions from `mm_token_type_ids` (the Qwen2-VL family does)."""
-    base = unwrap(model)
-    return hasattr(getattr(base, "model", base), "get_rope_index")
 
 
 def freeze_vision(model: nn.Module) -> None:
     """Only the language model and LM head train; the vision tower and projector stay frozen."""
     head = model.get_output_embeddings()
     trainable = {id(p) for p in head.parameters()}
+    decoder = family_for(unwrap(model).config).language_model
     for name, module in model.named_modules():
-        if name.endswith("language_model"):
+        if name.endswith(decoder):
             trainable.update(id(p) for p in module.parameters())
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
@@ -124,7 +122,8 @@ def padded_answer_tokens(model: nn.Module, batch: dict) -> tuple[torch.Tensor, t
 
     Returns `(hidden [M, H], labels [M], segment_ids [M], num_examples)`, as the fused loss takes them.
     """
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **image_inputs(batch)}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **image_inputs(batch),
+              **batch.get("text_inputs", {})}
     hidden = last_hidden_states(model, inputs)[:, :-1]  # position t predicts token t + 1
     labels = batch["labels"][:, 1:]
     answer = labels != IGNORE_INDEX
@@ -137,7 +136,14 @@ def padded_answer_tokens(model: nn.Module, batch: dict) -> tuple[torch.Tensor, t
 def sequence_logps(model: nn.Module, hidden, labels, segment_ids, num_examples: int) -> torch.Tensor:
     """`[B, 3]` summed answer log-probs from `answer_tokens`-style outputs, through the model's LM head."""
     weight, bias = lm_head(model)
-    return segment_logps(linear_token_logprobs(hidden, weight, labels, bias=bias), segment_ids, num_examples)
+    token_logps = linear_token_logprobs(hidden, weight, labels, bias=bias, softcap=logit_softcap(model))
+    return segment_logps(token_logps, segment_ids, num_examples)
+
+
+def logit_softcap(model: nn.Module) -> float | None:
+    """The model's final logit soft-capping (`c * tanh(logits / c)`, Gemma 2 decoders), which the fused loss
+    applies as the LM head's forward does; None for plain logits."""
+    return getattr(unwrap(model).config.get_text_config(), "final_logit_softcapping", None)
 
 
 def padded_branch_logps(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -173,46 +179,71 @@ def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
-def image_features(model: nn.Module, batch: dict) -> list[torch.Tensor]:
-    """Features of each distinct image of a packed batch, through the frozen vision tower and projector once.
+def image_features(model: nn.Module, batch: dict):
+    """The model's `get_image_features` output for a packed batch's images (in placeholder order), through the
+    frozen vision tower and projector once; None for a batch without images.
 
     Frozen, they are the same for the policy and the reference, so both forwards reuse them.
     """
+    inputs = image_inputs(batch)
+    if not inputs:
+        return None
+    encode = unwrap(model).model.get_image_features
+    accepted = inspect.signature(encode).parameters
     with torch.no_grad():
-        out = unwrap(model).model.get_image_features(**image_inputs(batch), return_dict=True)
-    return list(out.pooler_output)
+        return encode(**{k: v for k, v in inputs.items() if k in accepted}, return_dict=True)
 
 
-def packed_answer_tokens(model: nn.Module, batch: dict, features: list[torch.Tensor]):
-    """As `padded_answer_tokens`, for a `PackedCollator` batch and its `image_features`."""
+def packed_attention(model: nn.Module, batch: dict, dtype: torch.dtype):
+    """The packed rows' attention mask in the form the decoder takes: one mask, or one per layer type where the
+    decoder mixes full and sliding-window layers. Dense `[R, 1, L, L]` (bool; additive for eager) or
+    FlexAttention block masks."""
+    config = unwrap(model).config
+    text = config.get_text_config()
+    impl = text._attn_implementation
+    layout = dict(units=batch["unit_ids"], roles=batch["roles"], positions=batch["position_ids"],
+                  groups=batch.get("groups"), window_limits_groups=family_for(config).window_limits_groups)
+
+    def build(window):
+        if impl == "flex_attention":
+            return block_mask(**layout, window=window)
+        mask = attention_mask(**layout, window=window)
+        if impl == "eager":  # eager adds the mask to the scores
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+        return mask
+
+    layer_types = set(getattr(text, "layer_types", None) or ())
+    if not layer_types:  # one kind for every layer: sliding wherever a window is set (Mistral)
+        use_window = getattr(text, "use_sliding_window", True)
+        return build(getattr(text, "sliding_window", None) if use_window else None)
+    if "sliding_attention" not in layer_types:
+        return build(None)
+    return {kind: build(text.sliding_window if kind == "sliding_attention" else None) for kind in layer_types}
+
+
+def packed_answer_tokens(model: nn.Module, batch: dict, features):
+    """As `padded_answer_tokens`, for a `PackedCollator` batch and its `image_features`: the model's own forward
+    places the features and runs the decoder with the packed rows' positions and attention."""
     base = unwrap(model)
     input_ids = batch["input_ids"]
-    embeds = base.get_input_embeddings()(input_ids)
-    slots = input_ids == base.config.image_token_id
-    placed = torch.cat([features[i] for i in batch["image_order"].tolist()]).to(embeds.dtype)
-    if int(slots.sum()) != placed.shape[0]:
-        raise ValueError(f"{int(slots.sum())} image tokens in the batch but {placed.shape[0]} image features")
-    embeds = embeds.masked_scatter(slots[..., None], placed)
     impl = base.config.get_text_config()._attn_implementation
-    positions = batch["position_ids"]
-    rope = batch.get("rope_position_ids")  # [3, R, L]: the positions of M-RoPE models (Qwen2-VL family)
+    positions = batch["position_ids"] + family_for(base.config).position_offset
+    rope = batch.get("rope_position_ids")  # [axes, R, L]: the positions of M-RoPE models
     if impl.startswith("flash_attention"):
         # varlen: one flat sequence, segments marked by position ids restarting at 0 (flat indices unchanged)
-        if bool((batch["roles"] == SECOND_ANSWER).any()):
-            raise ValueError("flash-attn varlen cannot express a shared prefix: use --prefix_sharing false, "
-                             "or --attn_implementation flex_attention")
-        embeds, positions, mask = embeds.flatten(0, 1)[None], positions.flatten()[None], None
-        if rope is not None:  # M-RoPE models take the 1-D positions that mark segments as a leading 4th row
+        if bool((batch["roles"] == SECOND_ANSWER).any()) or "groups" in batch:
+            raise ValueError("flash-attn varlen can express neither a shared prefix nor bidirectional attention: "
+                             "use --prefix_sharing false (causal families), or --attn_implementation flex_attention")
+        input_ids, positions, mask = input_ids.flatten()[None], positions.flatten()[None], None
+        if rope is not None:  # M-RoPE models take the 1-D positions that mark segments as a leading row
             positions = torch.cat([positions[None], rope.flatten(1)[:, None]])
+        text_inputs = {k: v.flatten()[None] for k, v in batch["text_inputs"].items()}
     else:
+        mask = packed_attention(model, batch, base.get_input_embeddings().weight.dtype)
         positions = positions if rope is None else rope
-        if impl == "flex_attention":
-            mask = block_mask(batch["unit_ids"], batch["roles"])
-        else:  # a dense [R, 1, L, L] mask, built here on the batch's device
-            mask = attention_mask(batch["unit_ids"], batch["roles"])
-            if impl == "eager":  # eager adds the mask to the scores
-                mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=mask.device).masked_fill_(
-                    ~mask, torch.finfo(embeds.dtype).min)
-    inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+        text_inputs = batch["text_inputs"]
+    inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, **text_inputs}
+    if features is not None:
+        inputs["mm_encoder_outputs"] = {"image": features}
     hidden = last_hidden_states(model, inputs).flatten(0, 1)[batch["predictor_index"]]
     return hidden, batch["target_ids"], batch["segment_ids"], batch["example_index"].shape[0]

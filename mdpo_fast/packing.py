@@ -11,8 +11,12 @@ only at their ends to stack.
 Every answer token gets the flat index of the hidden state that predicts it (the previous token of
 its own sequence, which for the first rejected token is the last prefix token, not the row's
 previous token), its id, and its segment id `3 * example + branch`, as the fused loss takes them.
-Each image is encoded once: `image_inputs` hold the distinct images, `image_order` maps every image
-placeholder block, in row-major order, to one of them.
+The batch's image inputs follow the image placeholders in row-major order, as the model's own forward
+places features; with prefix sharing each image appears once.
+
+Attention beyond causality comes from per-token descriptors the mask is built from on the device:
+the unit, the role inside it, the 1-D position (sliding windows count distance in positions, so a
+rejected answer sees the prefix as in its own sequence) and the family's bidirectional groups.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mdpo_fast.collate import concat_image_inputs
+from mdpo_fast.families.base import Family
 from mdpo_fast.loss import CHOSEN, CORRUPTED, NUM_BRANCHES, REJECTED
-from mdpo_fast.rope import mrope_positions
 
 # Role of a token inside its unit, for the one attention rule beyond causality.
 PREFIX, FIRST_ANSWER, SECOND_ANSWER = 0, 1, 2
@@ -33,7 +37,7 @@ PREFIX, FIRST_ANSWER, SECOND_ANSWER = 0, 1, 2
 class _Row:
     ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
-    rope: list[torch.Tensor] = field(default_factory=list)  # [3, n] pieces, for M-RoPE models
+    rope: list[torch.Tensor] = field(default_factory=list)  # [axes, n] pieces, for M-RoPE models
     units: list[int] = field(default_factory=list)
     roles: list[int] = field(default_factory=list)
 
@@ -73,14 +77,25 @@ def rows_too_long(examples, max_tokens: int, prefix_sharing: bool) -> list[str]:
     return problems
 
 
-def attention_mask(units: torch.Tensor, roles: torch.Tensor) -> torch.Tensor:
-    """`[R, 1, L, L]` bool, True where query i may attend key j: same unit, j <= i, and never from the
-    second answer of a unit to the first one (rejected does not see chosen)."""
+def attention_mask(units: torch.Tensor, roles: torch.Tensor, positions: torch.Tensor | None = None,
+                   groups: torch.Tensor | None = None, window: int | None = None,
+                   window_limits_groups: bool = False) -> torch.Tensor:
+    """`[R, 1, L, L]` bool, True where query i may attend key j: same unit, never from the second answer of a
+    unit to the first one (rejected does not see chosen), and j <= i or i and j in one bidirectional group
+    (`groups` >= 0). For a sliding-window layer also i - j < `window` in positions: on the causal part only,
+    or on groups too with `window_limits_groups` (the two ways families compose them)."""
     length = units.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=units.device).tril()
+    allowed = torch.ones(length, length, dtype=torch.bool, device=units.device).tril()[None]
+    in_window = None if window is None else positions[:, :, None] - positions[:, None, :] < window
+    if in_window is not None and not window_limits_groups:
+        allowed = allowed & in_window
+    if groups is not None:
+        allowed = allowed | ((groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0))
+    if in_window is not None and window_limits_groups:
+        allowed = allowed & in_window
     same = units[:, :, None] == units[:, None, :]
     crossing = (roles[:, :, None] == SECOND_ANSWER) & (roles[:, None, :] == FIRST_ANSWER)
-    return (same & causal & ~crossing)[:, None]
+    return (same & allowed & ~crossing)[:, None]
 
 
 def balance_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -112,14 +127,22 @@ def dense_row_tokens(hidden_size: int) -> int:
     return 2 * hidden_size
 
 
-def block_mask(units: torch.Tensor, roles: torch.Tensor):
+def block_mask(units: torch.Tensor, roles: torch.Tensor, positions: torch.Tensor | None = None,
+               groups: torch.Tensor | None = None, window: int | None = None, window_limits_groups: bool = False):
     """The same rule as `attention_mask`, as a FlexAttention `BlockMask`: fully masked blocks are skipped,
     so long rows cost no wasted attention."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def rule(b, h, q, kv):
+        allowed = kv <= q
+        if window is not None and not window_limits_groups:
+            allowed = allowed & (positions[b, q] - positions[b, kv] < window)
+        if groups is not None:
+            allowed = allowed | ((groups[b, q] == groups[b, kv]) & (groups[b, q] >= 0))
+        if window is not None and window_limits_groups:
+            allowed = allowed & (positions[b, q] - positions[b, kv] < window)
         crossing = (roles[b, q] == SECOND_ANSWER) & (roles[b, kv] == FIRST_ANSWER)
-        return (units[b, q] == units[b, kv]) & (kv <= q) & ~crossing
+        return (units[b, q] == units[b, kv]) & allowed & ~crossing
 
     rows, length = units.shape
     return create_block_mask(rule, rows, None, length, length, device=units.device)
@@ -128,55 +151,53 @@ def block_mask(units: torch.Tensor, roles: torch.Tensor):
 class PackedCollator:
     """Packs a step's examples into rows of at most `max_tokens_per_batch` tokens. With
     `dense_row_tokens` (SDPA or eager attention with a dense mask) rows are also capped there, or at the
-    step's longest unit if that is longer. With `mrope_merge_size` (Qwen2-VL family) the batch also holds
-    `rope_position_ids [3, R, L]`: each unit's 3-D positions, the answers continuing from its prefix."""
+    step's longest unit if that is longer. `family` and `config` (the model's adapter and config) add what
+    the family needs: multi-axis positions (`rope_position_ids [axes, R, L]`, each unit's own, answers
+    continuing from its prefix), bidirectional `groups [R, L]` and per-token `text_inputs`."""
 
     def __init__(self, pad_token_id: int, image_token_id: int, max_tokens_per_batch: int,
                  prefix_sharing: bool = True, dense_row_tokens: int | None = None,
-                 mrope_merge_size: int | None = None):
+                 family: Family | None = None, config=None):
         self.pad_token_id = pad_token_id
         self.image_token_id = image_token_id
         self.max_tokens = max_tokens_per_batch
         self.prefix_sharing = prefix_sharing
         self.dense_row_tokens = dense_row_tokens
-        self.mrope_merge_size = mrope_merge_size
+        self.family, self.config = family or Family(), config
 
     def __call__(self, items: list[dict]) -> dict:
         problems = rows_too_long([item["example"] for item in items], self.max_tokens, self.prefix_sharing)
         if problems:
             raise ValueError("; ".join(problems))
-        units, images = [], []  # units: (example_no, image index, (prefix, image, answers))
+        units = []  # (example_no, image inputs, (prefix, image, answers))
         for example_no, item in enumerate(items):
-            ex = item["example"]
-            for unit in example_units(ex, self.prefix_sharing):
-                units.append((example_no, len(images) + (unit[1] == "corrupted_image"), unit))
-            images += [item["image"], item["corrupted_image"]]
+            for unit in example_units(item["example"], self.prefix_sharing):
+                units.append((example_no, item[unit[1]], unit))
         lengths = [unit_length(u[2]) for u in units]
         budget = self.max_tokens
         if self.dense_row_tokens:
             budget = min(budget, max(self.dense_row_tokens, max(lengths)))
         assignment = balance_rows(lengths, budget)
         rows = [_Row() for _ in assignment]
-        image_order, predictor, targets, segments = [], [], [], []  # predictor: (row, column) until stacked
+        placed, predictor, targets, segments = [], [], [], []  # predictor: (row, column) until stacked
         for r, (row, row_units) in enumerate(zip(rows, assignment, strict=True)):
             for u in row_units:
-                example_no, image_index, (prefix, _, answers) = units[u]
+                example_no, image, (prefix, _, answers) = units[u]
                 if self.image_token_id in prefix:
-                    image_order.append(image_index)
+                    placed.append(image)
                 start = len(row.ids)
                 row.ids += prefix
                 row.positions += range(len(prefix))
                 row.roles += [PREFIX] * len(prefix)
-                if self.mrope_merge_size:
-                    rope, after = mrope_positions(prefix, self.image_token_id, images[image_index]["image_grid_thw"],
-                                                  self.mrope_merge_size)
-                    row.rope.append(rope)
+                rope = self.family.rope_positions(prefix, image, self.config)
+                if rope is not None:
+                    row.rope.append(rope[0])
                 for k, (answer, branch) in enumerate(answers):
                     col = len(row.ids)
                     row.ids += answer
                     row.positions += range(len(prefix), len(prefix) + len(answer))
-                    if self.mrope_merge_size:
-                        row.rope.append(torch.arange(after, after + len(answer)).expand(3, -1))
+                    if rope is not None:
+                        row.rope.append(torch.arange(rope[1], rope[1] + len(answer)).expand(rope[0].shape[0], -1))
                     row.roles += [FIRST_ANSWER if k == 0 else SECOND_ANSWER] * len(answer)
                     # token j of the answer is predicted by token j-1, the first one by the prefix's last token
                     predictor += [(r, start + len(prefix) - 1)] + [(r, col + j) for j in range(len(answer) - 1)]
@@ -188,7 +209,8 @@ class PackedCollator:
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
         unit_ids = -1 - torch.arange(len(rows) * width).view(len(rows), width)  # padding: a unit of its own
         roles = torch.zeros((len(rows), width), dtype=torch.long)
-        rope = torch.zeros((3, len(rows), width), dtype=torch.long) if self.mrope_merge_size else None
+        axes = rows[0].rope[0].shape[0] if rows[0].rope else 0
+        rope = torch.zeros((axes, len(rows), width), dtype=torch.long) if axes else None
         for r, row in enumerate(rows):
             n = len(row.ids)
             input_ids[r, :n] = torch.tensor(row.ids)
@@ -197,20 +219,24 @@ class PackedCollator:
                 rope[:, r, :n] = torch.cat(row.rope, dim=1)
             unit_ids[r, :n] = torch.tensor(row.units)
             roles[r, :n] = torch.tensor(row.roles)
+        answer_mask = (roles != PREFIX) & (unit_ids >= 0)
         n_tokens = sum(len(row.ids) for row in rows)
         batch = {
             "input_ids": input_ids,
             "position_ids": position_ids,
-            "unit_ids": unit_ids,  # with roles: the attention layout, made into a mask on the device
+            "unit_ids": unit_ids,  # with roles, positions and groups: the attention layout, a mask on the device
             "roles": roles,
             "predictor_index": torch.tensor([r * width + c for r, c in predictor]),
             "target_ids": torch.tensor(targets),
             "segment_ids": torch.tensor(segments),
-            "image_order": torch.tensor(image_order),
             "example_index": torch.tensor([item["example"].index for item in items]),
-            "stats": torch.tensor([n_tokens, input_ids.numel() - n_tokens, len(images)]),
-            **concat_image_inputs(images),
+            "stats": torch.tensor([n_tokens, input_ids.numel() - n_tokens, len(placed)]),
+            "text_inputs": self.family.text_inputs(input_ids, answer_mask, self.config),
+            **(concat_image_inputs(placed) if placed else {}),
         }
+        groups = self.family.bidirectional_groups(input_ids, answer_mask, self.config)
+        if groups is not None:
+            batch["groups"] = groups
         if rope is not None:
             batch["rope_position_ids"] = rope
         if "ref_logps" in items[0]:

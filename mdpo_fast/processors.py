@@ -17,8 +17,10 @@ import os
 def image_only(cls: type) -> type:
     """`cls` (a processor class taking `image_processor, tokenizer, video_processor`) without the video one."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    @classmethod
+    def get_attributes(cls_):
+        # what the processor saves and loads: every attribute but the video processor, settings unchanged
+        return [a for a in cls.get_attributes() if a != "video_processor"]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         out = cls.save_pretrained(self, save_directory, *args, **kwargs)
@@ -27,22 +29,28 @@ def image_only(cls: type) -> type:
         self.image_processor.to_json_file(os.path.join(save_directory, "preprocessor_config.json"))
         return out
 
-    return type(cls.__name__, (cls,), {"__init__": __init__, "save_pretrained": save_pretrained,
+    return type(cls.__name__, (cls,), {"get_attributes": get_attributes, "save_pretrained": save_pretrained,
                                        "__module__": cls.__module__})
 
 
-def load_processor(path: str):
+def load_processor(path: str, family=None):
     """`AutoProcessor.from_pretrained(path)`; without torchvision, the image-only processor when the model's
-    processor needs a video processor."""
+    processor needs a video processor; where the processor class cannot be built here at all, the `family`'s
+    `processor_substitute` (a class that builds the same image inputs and prompts), if it names one."""
     import transformers
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
-    name = None if is_torchvision_available() else _processor_class_name(path)
-    cls = getattr(transformers, name, None) if name else None
-    if cls is not None and "video_processor" in cls.get_attributes():
-        return image_only(cls).from_pretrained(path)
-    return AutoProcessor.from_pretrained(path)
+    try:
+        name = None if is_torchvision_available() else _processor_class_name(path)
+        cls = getattr(transformers, name, None) if name else None
+        if cls is not None and "video_processor" in cls.get_attributes():
+            return image_only(cls).from_pretrained(path)
+        return AutoProcessor.from_pretrained(path)
+    except (ImportError, TypeError):  # TypeError: a class that will not be built without its video processor
+        if family is None or family.processor_substitute is None:
+            raise
+        return getattr(transformers, family.processor_substitute).from_pretrained(path)
 
 
 def _processor_class_name(path: str) -> str | None:

@@ -61,6 +61,7 @@ def precompute_ref_logps(trainer) -> dict[int, torch.Tensor]:
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
         raise ValueError("precompute_ref_logps runs before DeepSpeed / FSDP place the model: use "
                          "--precompute_ref_logps false there (the reference is then computed each step)")
+    trainer.check_layout()  # nothing is cached from a layout that disagrees with the model's own forward
     directory = Path(args.output_dir) / "ref_logps" / fingerprint(args, dataset.examples)
     store = RefLogpStore(directory, args.process_index)
     # In the first epoch's step order: with one process the reference sees the same rows as the policy will,

@@ -1,4 +1,5 @@
-"""Tiny models of each supported family (LLaVA, Qwen2-VL, Qwen2.5-VL) with processors, built in code.
+"""Tiny random-weight models of every family with a tiny builder, with their processors, built in code.
+Family modules build their processors from `build_tokenizer`; this module imports them only when called.
 
 Tests, the demo and the CPU benchmarks all use this one builder. The tokenizer is byte-level BPE
 (any text round-trips) with whole-word merges for the demo vocabulary, so demo answers stay short.
@@ -9,10 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from mdpo_fast.processors import image_only
-
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
 
 # Words that get a single token; everything else falls back to bytes.
 _WORDS = (
@@ -37,13 +34,29 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer():
-    """Byte-level BPE tokenizer with `<pad>`, `<s>`, `</s>`, `<image>` special tokens."""
+def chatml_template(image: str) -> str:
+    """A ChatML chat template (`<|im_start|>role ... <|im_end|>`, as Qwen, InternVL and LLaVA-OneVision checkpoints
+    use) that renders each image of a user turn as `image`."""
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for c in message['content'] %}"
+        "{% if c['type'] == 'image' %}" + image + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def build_tokenizer(special_tokens: dict[str, str] | None = None, extra: tuple[str, ...] = ()):
+    """Byte-level BPE tokenizer with `<pad>`, `<s>`, `</s>`, `<image>` special tokens. `special_tokens`: named
+    special tokens a family's processor reads (`{"image_token": "<image_soft_token>", "boi_token": ...}`);
+    `extra`: further special tokens (chat markers, tile tags)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    specials = ["<pad>", "<s>", "</s>", "<image>"]
+    named = {"image_token": "<image>", **(special_tokens or {})}
+    specials = list(dict.fromkeys(["<pad>", "<s>", "</s>", *named.values(), *extra]))
     vocab = {tok: i for i, tok in enumerate(specials)}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[ch] = len(vocab)
@@ -61,43 +74,37 @@ def build_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)  # never split, whatever the merges
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"}, model_max_length=4096,
+        extra_special_tokens=named, model_max_length=4096,
     )
 
 
-def build_processor(family: str = "llava", image_size: int = 32, patch_size: int = 8):
-    """The tiny tokenizer and chat template with the family's image processor. Qwen2-VL-family images keep
-    their aspect ratio and take 4 to 16 image tokens (dynamic resolution)."""
-    from transformers import (
-        CLIPImageProcessorPil,
-        LlavaProcessor,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessorPil,
-        Qwen2VLProcessor,
-    )
+def tiny_families() -> tuple[str, ...]:
+    """Model types with a tiny builder (`mdpo-fast tiny-model DIR TYPE`)."""
+    from mdpo_fast.families.base import Family, registered
 
-    if family == "llava":
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        )
-        return LlavaProcessor(
-            image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=patch_size,
-            vision_feature_select_strategy="default", num_additional_image_tokens=1,
-            chat_template=CHAT_TEMPLATE,
-        )
-    cls = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor}.get(family)
-    if cls is None:
-        raise ValueError(f"family {family!r}: expected one of {', '.join(FAMILIES)}")
-    image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, min_pixels=56 * 56, max_pixels=112 * 112)
-    return image_only(cls)(image_processor=image_processor, tokenizer=build_tokenizer(), chat_template=CHAT_TEMPLATE)
+    return tuple(t for t, fam in registered().items() if type(fam).tiny_config is not Family.tiny_config)
+
+
+def _family(model_type: str):
+    from mdpo_fast.families.base import registered
+
+    if model_type not in tiny_families():
+        raise ValueError(f"no tiny model of {model_type!r}: expected one of {', '.join(tiny_families())}")
+    return registered()[model_type]
+
+
+def build_processor(family: str = "llava"):
+    """The family's processor with the tiny byte-level tokenizer, built in code."""
+    return _family(family).tiny_processor()
 
 
 def build_tiny_model(processor=None, *, family: str = "llava", hidden_size: int = 128, num_layers: int = 2,
                      seed: int = 0):
-    """Random-weight model of `family` with its processor: LLaVA (CLIP tower -> MLP projector -> Llama),
-    Qwen2-VL or Qwen2.5-VL (their own towers and mergers, M-RoPE decoder). Returns (model, processor)."""
+    """Random-weight model of the family `family` (a model type) with its processor: a tiny vision tower and a
+    `num_layers` decoder of width `hidden_size`. Returns (model, processor)."""
     processor = processor or build_processor(family)
     tok = processor.tokenizer
     text = dict(
@@ -106,50 +113,15 @@ def build_tiny_model(processor=None, *, family: str = "llava", hidden_size: int 
         max_position_embeddings=1024, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
     )
-    if family == "llava":
-        config = _llava_config(processor, text)
-    else:
-        config = _qwen_config(family, processor, text)
-    config._attn_implementation = "sdpa"
+    adapter = _family(family)
+    config = adapter.tiny_config(processor, text)
+    config._attn_implementation = adapter.tiny_attn_implementation
     torch.manual_seed(seed)
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_config(config).eval()
+    adapter.tiny_init(model)
     return model, processor
-
-
-def _llava_config(processor, text: dict):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    image_size = processor.image_processor.crop_size["height"]
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=image_size, patch_size=processor.patch_size, projection_dim=32,
-    )
-    return LlavaConfig(
-        vision_config=vision, text_config=LlamaConfig(**text), image_token_id=processor.image_token_id,
-        vision_feature_select_strategy="default", vision_feature_layer=-1,
-        projector_hidden_act="gelu", tie_word_embeddings=False,
-    )
-
-
-def _qwen_config(family: str, processor, text: dict):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
-
-    head_half = text["hidden_size"] // text["num_attention_heads"] // 2
-    # temporal, height, width shares of the rotary frequencies, in the proportions of Qwen's (16, 24, 24)
-    section = [head_half - 2 * (3 * head_half // 8), 3 * head_half // 8, 3 * head_half // 8]
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
-    vision = dict(depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    if family == "qwen2_vl":
-        vision.update(embed_dim=32, mlp_ratio=2, hidden_size=text["hidden_size"])
-        cls = Qwen2VLConfig
-    else:  # windowed attention in the first block, full in the second
-        vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=text["hidden_size"], window_size=56,
-                      fullatt_block_indexes=[1])
-        cls = Qwen2_5_VLConfig
-    return cls(text_config=text, vision_config=vision, image_token_id=processor.image_token_id,
-               tie_word_embeddings=False)
 
 
 def write_tiny_model(directory: str | Path, seed: int = 0, family: str = "llava") -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
 from collections import defaultdict
@@ -13,24 +14,26 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from mdpo_fast.collate import PaddedCollator
+from mdpo_fast.families.base import family_for, image_token_id, packed_layout_refusal
 from mdpo_fast.fused_loss import fused_linear_mdpo_loss
+from mdpo_fast.layout_check import check_layout
 from mdpo_fast.loss import METRIC_NAMES
 from mdpo_fast.modeling import (
     image_features,
     lm_head,
+    logit_softcap,
     packed_answer_tokens,
     padded_answer_tokens,
     reference_context,
     sequence_logps,
-    takes_token_types,
     unwrap,
 )
 from mdpo_fast.packing import PackedCollator, dense_row_tokens, packed_length, rows_too_long
 from mdpo_fast.records import DataError
-from mdpo_fast.rope import mrope_merge_size
 from mdpo_fast.sampler import LengthGroupedSampler
 
 STAGING_PREFIX = "staging-checkpoint"
+logger = logging.getLogger("mdpo_fast")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,24 +54,24 @@ class MDPOTrainer(Trainer):
     def __init__(self, model, args, train_dataset, processing_class, reference_model=None, **kwargs):
         pad_id = processing_class.tokenizer.pad_token_id or 0
         config = unwrap(model).config
-        merge_size, token_types = mrope_merge_size(config), takes_token_types(model)
+        self.family = family_for(config)
+        refusal = packed_layout_refusal(config)
+        if "data_collator" not in kwargs and args.packing and refusal:
+            logger.warning("packing off, training in the padded layout: %s", refusal)
+            args.packing = False
         if "data_collator" not in kwargs and args.packing:
-            if token_types and merge_size is None:
-                raise ValueError(f"packing does not know the 3-D positions of {config.model_type} models: "
-                                 "use --packing false")
             dense = config.get_text_config()._attn_implementation in ("sdpa", "eager")  # masked work still done
             kwargs["data_collator"] = PackedCollator(
-                pad_id, config.image_token_id, args.max_tokens_per_batch, args.prefix_sharing,
+                pad_id, image_token_id(config), args.max_tokens_per_batch, args.prefix_sharing,
                 dense_row_tokens=dense_row_tokens(config.get_text_config().hidden_size) if dense else None,
-                mrope_merge_size=merge_size,
+                family=self.family, config=config,
             )
-        kwargs.setdefault("data_collator", PaddedCollator(
-            pad_id, config.image_token_id if token_types else None))
+        kwargs.setdefault("data_collator", PaddedCollator(pad_id, self.family, config))
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs
         )
         if args.packing and self.is_fsdp_enabled:
-            raise ValueError("packing runs the vision tower and embeddings outside the model's forward, where FSDP "
+            raise ValueError("packing runs the vision tower outside the model's forward (once per image), where FSDP "
                              "keeps them sharded: use --packing false with FSDP (or DDP / DeepSpeed with packing)")
         if args.packing:  # an example that cannot fit one row is refused before training, not at step N
             problems = rows_too_long(train_dataset.examples, args.max_tokens_per_batch, args.prefix_sharing)
@@ -77,6 +80,7 @@ class MDPOTrainer(Trainer):
         self.reference_model = reference_model
         if reference_model is not None:
             reference_model.to(self.args.device)
+        self.layout_checked = False
         self.loss_is_scaled_for_ga = False  # the loss is a per-example mean: Trainer divides by accumulation steps
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
 
@@ -87,6 +91,27 @@ class MDPOTrainer(Trainer):
         # Grouped by the global batch: processes take consecutive per-device slices of each step, so a step
         # holds the same examples whatever the number of processes.
         return LengthGroupedSampler(lengths, self.args.per_device_train_batch_size * self.args.world_size, seed)
+
+    def check_layout(self) -> None:
+        """On the first batch, the layout's reference log-probs of two examples against the model's own plain
+        forward of the same sequences (`layout_check`); raises `LayoutMismatchError` if they differ. Once per
+        trainer, before any reference log-prob is precomputed or any step taken."""
+        if self.layout_checked:
+            return
+        loader = self.get_train_dataloader()
+        batch = self._prepare_inputs(next(iter(loader)))
+        rows = [self.train_dataset.row_of(int(i)) for i in batch["example_index"]]
+        batch.pop("ref_logps", None)
+        with reference_context(self.model, self.reference_model):
+            target = self.reference_model or self.model
+            logps = sequence_logps(target, *self.answer_tokens(target, batch))
+            check_layout(target, self.processing_class, self.family, self.train_dataset, rows, logps,
+                         "packed" if self.args.packing else "padded")
+        self.layout_checked = True
+
+    def train(self, *args, **kwargs):
+        self.check_layout()
+        return super().train(*args, **kwargs)
 
     def answer_tokens(self, model, inputs, features=None):
         """`(hidden [M, H], labels [M], segment_ids [M], num_examples)` of the batch's answer tokens."""
@@ -115,6 +140,7 @@ class MDPOTrainer(Trainer):
         loss, metrics = fused_linear_mdpo_loss(
             hidden, weight, labels, segment_ids, ref_logps, ref_hidden=ref_hidden, bias=bias,
             num_examples=num_examples, beta=args.beta, anchor=args.anchor, weights=args.loss_weights,
+            softcap=logit_softcap(model),
         )
         # One host sync per step, so a NaN never reaches the weights; every process stops together.
         bad = (~torch.isfinite(loss.detach())).float()

@@ -10,13 +10,15 @@ import torch
 from mdpo_fast.cli import parse_config
 from mdpo_fast.data import prepare_dataset
 from mdpo_fast.demo_data import demo_records
+from mdpo_fast.families import family_for
+from mdpo_fast.families.mrope import mrope_positions
 from mdpo_fast.modeling import prepare_model
 from mdpo_fast.ref_cache import precompute_ref_logps
-from mdpo_fast.rope import mrope_positions
 from mdpo_fast.tiny import build_tiny_model
 from mdpo_fast.trainer import MDPOTrainer
+from tests.conftest import randomize_lora
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"]  # every M-RoPE family
 # width x height, each its own grid of patches (dynamic resolution), non-square ones included
 SIZES = [(56, 112), (112, 56), (84, 84), (32, 32), (84, 112), (56, 84)]
 
@@ -36,11 +38,8 @@ def qwen_setup(request, tmp_path_factory):
     model, processor = build_tiny_model(family=request.param)
     args = _args(tmp_path_factory.mktemp("o"))
     policy, _ = prepare_model(model, args)
-    torch.manual_seed(1)
-    for name, p in policy.named_parameters():
-        if "lora_B" in name:  # adapters that do something: policy != reference
-            p.data.normal_(0, 0.05)
-    dataset = prepare_dataset(args, processor, records=_records(), source="demo")
+    randomize_lora(policy)
+    dataset = prepare_dataset(args, processor, records=_records(), source="demo", family=family_for(model.config))
     return policy, processor, dataset
 
 
@@ -124,7 +123,7 @@ def test_flash_varlen_gets_1d_segment_positions_ahead_of_the_3d_ones(qwen_setup,
     batch = trainer.data_collator([dataset[i] for i in range(3)])
     seen = {}
     monkeypatch.setattr(modeling, "last_hidden_states", lambda model, inputs: seen.update(inputs) or torch.zeros(
-        *inputs["inputs_embeds"].shape))
+        *inputs["input_ids"].shape, 128))
     monkeypatch.setattr(policy.get_base_model().config.get_text_config(), "_attn_implementation", "flash_attention_2")
     modeling.packed_answer_tokens(policy, batch, modeling.image_features(policy, batch))
     rows, width = batch["input_ids"].shape

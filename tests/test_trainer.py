@@ -11,6 +11,7 @@ from mdpo_fast.cli import parse_config, run_training
 from mdpo_fast.collate import PaddedCollator
 from mdpo_fast.data import prepare_dataset
 from mdpo_fast.demo_data import demo_records
+from mdpo_fast.families import family_for
 from mdpo_fast.modeling import padded_branch_logps
 from mdpo_fast.tiny import build_tiny_model
 
@@ -41,7 +42,7 @@ def test_padded_branch_logps_match_each_sequence_alone(tmp_path, family):
     dataset = prepare_dataset(args, processor, records=records, source="demo")
     items = [dataset[i] for i in range(5)]
     image_id = processor.image_token_id
-    batch = PaddedCollator(processor.tokenizer.pad_token_id, image_id if family != "llava" else None)(items)
+    batch = PaddedCollator(processor.tokenizer.pad_token_id, family_for(model.config), model.config)(items)
     assert batch["input_ids"].shape[0] == 15  # three branches of five examples
     if family != "llava":
         assert len({tuple(it["image"]["image_grid_thw"][0].tolist()) for it in items}) == 3

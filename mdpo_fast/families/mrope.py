@@ -1,4 +1,5 @@
-"""3-D rotary positions (M-RoPE) of Qwen2-VL and Qwen2.5-VL prompts, built on the CPU by the collator.
+"""3-D rotary positions (M-RoPE) of prompts of the Qwen2-VL, Qwen2.5-VL, Qwen3-VL and GLM-4V families, built
+on the CPU by the collator; each family's tests check them against the model's own `get_rope_index`.
 
 Text advances the temporal, height and width axes together by one per token. An image block of
 `t x h x w` merged patches starting at position `s` takes `(s + i, s + row, s + column)`, and the
@@ -8,16 +9,6 @@ text after it resumes at `s + max(h, w)`. Packing needs this per unit, since a r
 from __future__ import annotations
 
 import torch
-
-# Families whose image positions follow the rule above (checked against the model's own `get_rope_index`).
-MROPE_MODEL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
-
-
-def mrope_merge_size(config) -> int | None:
-    """The vision tower's spatial merge size for an M-RoPE family, None for 1-D positions (LLaVA)."""
-    if config.model_type in MROPE_MODEL_TYPES:
-        return config.vision_config.spatial_merge_size
-    return None
 
 
 def mrope_positions(ids, image_token_id: int, grids, merge_size: int) -> tuple[torch.Tensor, int]:
