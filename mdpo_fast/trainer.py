@@ -92,26 +92,23 @@ class MDPOTrainer(Trainer):
         # holds the same examples whatever the number of processes.
         return LengthGroupedSampler(lengths, self.args.per_device_train_batch_size * self.args.world_size, seed)
 
-    def check_layout(self) -> None:
-        """On the first batch, the layout's reference log-probs of two examples against the model's own plain
-        forward of the same sequences (`layout_check`); raises `LayoutMismatchError` if they differ. Once per
-        trainer, before any reference log-prob is precomputed or any step taken."""
+    def check_layout(self, batch: dict | None = None, model=None) -> None:
+        """The layout's reference log-probs of two examples of `batch` (the first training batch if None) against
+        the model's own plain forward of the same sequences (`layout_check`); raises `LayoutMismatchError` if they
+        differ. Once per trainer: before reference log-probs are precomputed, else at the first step (where
+        FSDP and DeepSpeed have placed the model)."""
         if self.layout_checked:
             return
-        loader = self.get_train_dataloader()
-        batch = self._prepare_inputs(next(iter(loader)))
+        if batch is None:
+            batch = self._prepare_inputs(next(iter(self.get_train_dataloader())))
         rows = [self.train_dataset.row_of(int(i)) for i in batch["example_index"]]
-        batch.pop("ref_logps", None)
-        with reference_context(self.model, self.reference_model):
-            target = self.reference_model or self.model
+        model = model or self.model
+        with reference_context(model, self.reference_model):
+            target = self.reference_model or model
             logps = sequence_logps(target, *self.answer_tokens(target, batch))
             check_layout(target, self.processing_class, self.family, self.train_dataset, rows, logps,
                          "packed" if self.args.packing else "padded")
         self.layout_checked = True
-
-    def train(self, *args, **kwargs):
-        self.check_layout()
-        return super().train(*args, **kwargs)
 
     def answer_tokens(self, model, inputs, features=None):
         """`(hidden [M, H], labels [M], segment_ids [M], num_examples)` of the batch's answer tokens."""
@@ -126,6 +123,8 @@ class MDPOTrainer(Trainer):
             return sequence_logps(target, *self.answer_tokens(target, inputs, features))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:  # a training batch: its examples are the training set's
+            self.check_layout(inputs, model)
         # Frozen vision tower and projector: one encode per image serves policy and reference.
         features = image_features(model, inputs) if self.args.packing else None
         ref_logps, ref_hidden = inputs.get("ref_logps"), None

@@ -267,3 +267,16 @@ def test_a_processor_without_a_chat_template_needs_one(tmp_path):
     dataset = prepare_dataset(_args(tmp_path, chat_template=str(template)), processor, records=_records(),
                               source="demo")
     assert len(dataset) == 4
+
+
+def test_without_precompute_the_check_runs_at_the_first_step(tmp_path, monkeypatch):
+    import mdpo_fast.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.check_layout
+    monkeypatch.setattr(trainer_module, "check_layout", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
+    model, processor = build_tiny_model()
+    args = _args(tmp_path, max_steps=2, per_device_train_batch_size=2, precompute_ref_logps=False,
+                 save_strategy="no")
+    trainer = run_training(args, model, processor, records=_records(), source="demo")
+    assert trainer.state.global_step == 2 and seen == ["packed"]  # once, at the first step
