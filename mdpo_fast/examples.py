@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from mdpo_fast.corruption import AREA, RATIO, corrupt_image
-from mdpo_fast.families.base import Family
+from mdpo_fast.families.base import Family, image_prompt
 from mdpo_fast.records import DataError, Record, load_image
 
 
@@ -89,6 +89,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self._rows = {ex.index: i for i, ex in enumerate(examples)}
         self.processor = processor
         self.family = family or Family()
+        self.image_prompt = image_prompt(processor)
         self.seed, self.area, self.ratio = seed, tuple(area), tuple(ratio)
         self.ref_logps: dict[int, torch.Tensor] | None = None  # precomputed reference log-probs by record index
 
@@ -111,8 +112,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         # One processor call per image, so batches can concatenate them in any order, whatever the family.
         item = {
             "example": ex,
-            "image": self.family.image_inputs(self.processor, image),
-            "corrupted_image": self.family.image_inputs(self.processor, corrupted),
+            "image": self.family.image_inputs(self.processor, image, self.image_prompt),
+            "corrupted_image": self.family.image_inputs(self.processor, corrupted, self.image_prompt),
         }
         if self.ref_logps is not None:
             item["ref_logps"] = self.ref_logps[ex.index]

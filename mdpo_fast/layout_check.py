@@ -12,8 +12,10 @@ from mdpo_fast.loss import NUM_BRANCHES
 logger = logging.getLogger("mdpo_fast")
 
 # Largest mean per-token difference (nats) between the layout and the plain forward: numerical noise at the
-# dtype, far below what a wrong mask, position or token type moves.
+# compute dtype, far below what a wrong mask, position or token type moves. Averaged over at least MIN_TOKENS
+# tokens: on a short answer the rounding of one half-precision logit alone can reach the per-token figure.
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+MIN_TOKENS = 8
 
 
 class LayoutMismatchError(RuntimeError):
@@ -37,17 +39,18 @@ def plain_logps(model, processor, family, prompt_text: str, answer_text: str, pr
     # per-token inputs cut to the answer as (possibly) truncated for training
     inputs = {k: (v[:, :p + a] if v.shape == shape else v).to(device) if isinstance(v, torch.Tensor) else v
               for k, v in inputs.items()}
-    logits = model(**inputs, logits_to_keep=torch.arange(p - 1, p + a - 1, device=device), use_cache=False).logits
+    # logits of the answer positions only: a [tokens, vocab] tensor of the whole sequence is never made
+    logits = model(**inputs, logits_to_keep=torch.arange(p - 1, p + a - 1), use_cache=False).logits
     logps = torch.log_softmax(logits[0].float(), dim=-1)
-    return logps.gather(-1, torch.tensor(answer_ids, device=device)[:, None]).sum()
+    return logps.gather(-1, torch.tensor(answer_ids, device=logps.device)[:, None]).sum()
 
 
 def check_layout(model, processor, family, dataset, example_rows: list[int], layout_logps: torch.Tensor,
-                 layout: str) -> None:
+                 layout: str, dtype: torch.dtype) -> None:
     """Compare `layout_logps [B, 3]` (the batch of dataset rows `example_rows`, from the layout in use) with the
     plain forward of the first two examples, all three branches; raise `LayoutMismatchError` beyond tolerance.
+    `dtype`: what the forwards compute in (the hidden states' dtype; under autocast not the weights').
     Call under the reference context (no grad, eval)."""
-    dtype = next(model.parameters()).dtype
     tolerance = TOLERANCE.get(dtype, 5e-2)
     for b, row in enumerate(example_rows[:2]):
         ex = dataset.examples[row]
@@ -58,7 +61,7 @@ def check_layout(model, processor, family, dataset, example_rows: list[int], lay
             where = f"record {ex.index}, {('chosen', 'rejected', 'corrupted')[branch]} branch"
             want = plain_logps(model, processor, family, ex.prompt_text, text, ex.prompt_ids, ids, img, where=where)
             got = layout_logps[b, branch].float()
-            per_token = (got - want.to(got.device)).abs().item() / max(len(ids), 1)
+            per_token = (got - want.to(got.device)).abs().item() / max(len(ids), MIN_TOKENS)
             if not per_token <= tolerance:
                 raise LayoutMismatchError(
                     f"{where}: the {layout} layout gives log-prob {got.item():.6f}, the model's own forward "

@@ -16,7 +16,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from mdpo_fast.collate import PaddedCollator
 from mdpo_fast.families.base import family_for, image_token_id, packed_layout_refusal
 from mdpo_fast.fused_loss import fused_linear_mdpo_loss
-from mdpo_fast.layout_check import check_layout
+from mdpo_fast.layout_check import LayoutMismatchError, check_layout
 from mdpo_fast.loss import METRIC_NAMES
 from mdpo_fast.modeling import (
     image_features,
@@ -55,6 +55,8 @@ class MDPOTrainer(Trainer):
         pad_id = processing_class.tokenizer.pad_token_id or 0
         config = unwrap(model).config
         self.family = family_for(config)
+        if self.family.refusal:
+            raise ValueError(f"{config.model_type} models cannot train here: {self.family.refusal}")
         refusal = packed_layout_refusal(config)
         if "data_collator" not in kwargs and args.packing and refusal:
             logger.warning("packing off, training in the padded layout: %s", refusal)
@@ -103,11 +105,25 @@ class MDPOTrainer(Trainer):
             batch = self._prepare_inputs(next(iter(self.get_train_dataloader())))
         rows = [self.train_dataset.row_of(int(i)) for i in batch["example_index"]]
         model = model or self.model
+        error = None
         with reference_context(model, self.reference_model):
             target = self.reference_model or model
-            logps = sequence_logps(target, *self.answer_tokens(target, batch))
-            check_layout(target, self.processing_class, self.family, self.train_dataset, rows, logps,
-                         "packed" if self.args.packing else "padded")
+            hidden, *rest = self.answer_tokens(target, batch)
+            logps = sequence_logps(target, hidden, *rest)
+            # the compute dtype: mixed precision's (fp32 weights with --bf16: accelerate autocasts the model's
+            # forward), else the hidden states' (bf16 weights)
+            mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
+            dtype = mixed or hidden.dtype
+            try:
+                check_layout(target, self.processing_class, self.family, self.train_dataset, rows, logps,
+                             "packed" if self.args.packing else "padded", dtype)
+            except LayoutMismatchError as e:
+                error = e
+        failed = torch.tensor(float(error is not None), device=logps.device)
+        if self.args.world_size > 1:  # every process stops together, none waits in a collective
+            failed = self.accelerator.reduce(failed, reduction="sum")
+        if failed.item():
+            raise error or LayoutMismatchError("the layout check failed on another process (see its message)")
         self.layout_checked = True
 
     def answer_tokens(self, model, inputs, features=None):

@@ -88,13 +88,16 @@ def test_every_layout_equals_the_plain_forward(setup, tmp_path, layout):
     assert (plain[False][:, 0] - plain[False][:, 2]).abs().min() > 100 * TOLERANCE  # so does the image
 
 
+FIXED_SIZE = {"llava", "gemma3", "paligemma", "paligemma2"}  # every image resized to one size
+
+
 def test_the_images_differ_in_shape_within_the_step(setup):
-    _, _, _, dataset, _ = setup
-    shapes = {tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in dataset[i]["image"].values())
-              for i in range(len(dataset))}
+    name, _, _, dataset, _ = setup
+    assert len({dataset.images(i)[0].size for i in range(len(dataset))}) == len(SIZES)
+    shapes = {tuple(tuple(v.shape) for v in dataset[i]["image"].values()) for i in range(len(dataset))}
     lengths = {len(ex.prompt_ids) for ex in dataset.examples}
-    # dynamic-resolution and tiling families differ in inputs; fixed-size ones still resize four sizes
-    assert len(shapes) > 1 or len(lengths) == 1
+    if name not in FIXED_SIZE:  # dynamic resolution and tiles: the model's inputs differ within the step
+        assert len(shapes) > 1 and len(lengths) > 1
 
 
 def test_family_token_inputs_are_the_processors(setup):
@@ -107,6 +110,10 @@ def test_family_token_inputs_are_the_processors(setup):
     answer = torch.zeros_like(ids, dtype=torch.bool)
     answer[:, len(ex.prompt_ids):] = True
     ours = family.text_inputs(ids, answer, policy.get_base_model().config)
+    theirs = {k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape == ids.shape}
+    same = {"mm_token_type_ids", "token_type_ids"}  # one name or the other, as the processor and the model spell it
+    for key in theirs - {"input_ids", "attention_mask", "labels"}:
+        assert key in ours or (key in same and same & set(ours)), f"{name}: the processor's {key} is not ours"
     for key, value in ours.items():
         theirs = inputs.get(key, inputs.get("mm_token_type_ids" if key == "token_type_ids" else key))
         assert theirs is not None, f"{name}: the processor returns no {key}"
@@ -274,9 +281,31 @@ def test_without_precompute_the_check_runs_at_the_first_step(tmp_path, monkeypat
 
     seen = []
     real = trainer_module.check_layout
-    monkeypatch.setattr(trainer_module, "check_layout", lambda *a, **k: seen.append(a[-1]) or real(*a, **k))
+    monkeypatch.setattr(trainer_module, "check_layout", lambda *a, **k: seen.append(a[6]) or real(*a, **k))
     model, processor = build_tiny_model()
     args = _args(tmp_path, max_steps=2, per_device_train_batch_size=2, precompute_ref_logps=False,
                  save_strategy="no")
     trainer = run_training(args, model, processor, records=_records(), source="demo")
     assert trainer.state.global_step == 2 and seen == ["packed"]  # once, at the first step
+
+
+def test_the_check_reads_the_compute_dtype_under_autocast(tmp_path):
+    """fp32 weights with --bf16 (autocast): both forwards run in bf16, so the check allows bf16 noise, not fp32's."""
+    model, processor = build_tiny_model()
+    args = _args(tmp_path, max_steps=1, per_device_train_batch_size=2, precompute_ref_logps=False,
+                 save_strategy="no", bf16=True)
+    trainer = run_training(args, model, processor, records=_records(), source="demo")
+    assert trainer.layout_checked and trainer.state.global_step == 1
+
+
+def test_image_inputs_follow_the_processors_own_image_settings(tmp_path):
+    """InternVL's processor tiles images (crop_to_patches) whatever its image processor's own default: the images
+    given to the model must be tiled as the prompt's image tokens were counted."""
+    model, processor = build_tiny_model(family="internvl")
+    processor.image_processor.crop_to_patches = False  # as a hub preprocessor_config may leave it
+    family = family_for(model.config)
+    dataset = prepare_dataset(_args(tmp_path), processor, records=_records(), source="demo", family=family)
+    tiles = [dataset[i]["image"]["pixel_values"].shape[0] for i in range(len(dataset))]
+    assert len(set(tiles)) > 1  # still tiled, differently per image size
+    trainer = MDPOTrainer(prepare_model(model, _args(tmp_path))[0], _args(tmp_path), dataset, processor)
+    trainer.check_layout()

@@ -43,9 +43,13 @@ class Family:
         """Why the packed layout cannot be exact for this model; None when it can."""
         return None
 
-    def image_inputs(self, processor, image) -> dict:
-        """The model's inputs for one image (pixel values, sizes, grids, tiles), as the processor makes them."""
-        return dict(processor.image_processor(images=image, return_tensors="pt"))
+    def image_inputs(self, processor, image, image_prompt: str) -> dict:
+        """The model's inputs for one image (pixel values, sizes, grids, tiles), as the processor makes them: through
+        the processor itself with `image_prompt` (a user turn holding just the image, `image_prompt(processor)`),
+        so its own image settings apply (tiling, size rounding), then without the per-token text inputs."""
+        out = processor(text=[image_prompt], images=[image], return_tensors="pt")
+        per_token = out["input_ids"].shape
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and v.shape != per_token}
 
     def text_inputs(self, input_ids: torch.Tensor, answer_mask: torch.Tensor, config) -> dict[str, torch.Tensor]:
         """Per-token forward inputs beside `input_ids` (`[R, L]`), such as token types. `answer_mask`: `[R, L]`
@@ -76,6 +80,11 @@ class Family:
 
     def tiny_init(self, model) -> None:
         """Weights the family's own init leaves inert in a random model (a zero projection), drawn at random."""
+
+
+def image_prompt(processor) -> str:
+    """A user turn holding one image and nothing else, in the processor's chat template."""
+    return processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
 
 
 def registered() -> dict[str, Family]:

@@ -33,11 +33,6 @@ PATCH, MERGE, LONGEST_EDGE = 4, 2, 32
 class Mistral3Family(Family):
     model_types = ("mistral3",)
 
-    def image_inputs(self, processor, image):
-        # as the processor calls it: sizes rounded to whole merged patches, not to single patches
-        patch_size = processor.patch_size * processor.spatial_merge_size
-        return dict(processor.image_processor(images=image, patch_size=patch_size, return_tensors="pt"))
-
     def tiny_processor(self):
         from transformers import PixtralImageProcessorPil, PixtralProcessor
 
