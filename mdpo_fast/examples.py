@@ -3,6 +3,8 @@ that yields each example's pixel values for the image and its corruption."""
 
 from __future__ import annotations
 
+import multiprocessing
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,16 +12,22 @@ import torch
 
 from mdpo_fast.corruption import AREA, RATIO, corrupt_image
 from mdpo_fast.families.base import Family, image_prompt
-from mdpo_fast.records import DataError, Record, load_image
+from mdpo_fast.records import DataError, Record, image_problem, load_image
+
+# Below this many records, preparation runs in this process: starting workers costs seconds.
+MIN_PARALLEL = 256
 
 
 @dataclass(frozen=True)
 class Example:
+    """One tokenized record. Token ids are `array('i')` (4 bytes a token, not a Python int's 28), so 83k examples
+    with 576 image tokens each stay a few hundred MiB; the image is a reference, read when a loader needs it."""
+
     index: int  # the record's index in its source
     image: Any
-    prompt_ids: tuple[int, ...]  # chat-templated prompt, image tokens expanded
-    chosen_ids: tuple[int, ...]  # answer tokens, end-of-turn included
-    rejected_ids: tuple[int, ...]
+    prompt_ids: array  # chat-templated prompt, image tokens expanded
+    chosen_ids: array  # answer tokens, end-of-turn included
+    rejected_ids: array
     # the chat-templated texts the ids came from, for the run-time check against the model's plain forward
     prompt_text: str = ""
     chosen_text: str = ""
@@ -57,25 +65,63 @@ def tokenize_record(record: Record, processor, max_length: int) -> tuple[Example
         text = _answer_text(processor, record.prompt, answer, prompt_text)
         ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         truncated |= len(ids) > room
-        answers.append(tuple(ids[:room]))
+        answers.append(array("i", ids[:room]))
         texts.append(text)
-    return Example(record.index, record.image, tuple(prompt_ids), *answers, prompt_text, *texts), truncated
+    return Example(record.index, record.image, array("i", prompt_ids), *answers, prompt_text, *texts), truncated
 
 
 def build_examples(
-    records: list[Record], processor, *, max_length: int, source: str = "data"
+    records: list[Record], processor, *, max_length: int, source: str = "data", num_proc: int = 1,
+    min_parallel: int = MIN_PARALLEL,
 ) -> tuple[list[Example], list[str], int]:
-    """Tokenize every record. Returns `(examples, problems, n_truncated)`, one problem line per bad record."""
+    """Decode (the one full check of each image) and tokenize every record, over `num_proc` worker processes when
+    there are at least `min_parallel` records, with a progress bar. Returns `(examples, problems, n_truncated)`,
+    one problem line per bad record, in record order whatever the number of processes."""
+    from tqdm.auto import tqdm
+
+    results = []
+    bar = tqdm(total=len(records), desc="preparing records", unit="rec", disable=len(records) < min_parallel)
+    if num_proc > 1 and len(records) >= min_parallel:
+        chunk = max(1, min(64, len(records) // (4 * num_proc)))
+        # spawn: a fork of a process whose torch / tokenizer threads hold locks can hang
+        with multiprocessing.get_context("spawn").Pool(
+            num_proc, initializer=_init_worker, initargs=(processor, max_length)
+        ) as pool:
+            for result in pool.imap(_prepare, records, chunksize=chunk):
+                results.append(result)
+                bar.update()
+    else:
+        _init_worker(processor, max_length)
+        for record in records:
+            results.append(_prepare(record))
+            bar.update()
+    bar.close()
     examples, problems, n_truncated = [], [], 0
-    for record in records:
-        try:
-            example, truncated = tokenize_record(record, processor, max_length)
-        except (ValueError, OSError) as e:
-            problems.append(f"{source} record {record.index}: {e}")
+    for record, (example, truncated, problem) in zip(records, results, strict=True):
+        if problem is not None:
+            problems.append(f"{source} record {record.index}: {problem}")
             continue
         examples.append(example)
         n_truncated += truncated
     return examples, problems, n_truncated
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(processor, max_length: int) -> None:
+    _WORKER.update(processor=processor, max_length=max_length)
+
+
+def _prepare(record: Record):
+    """`(example, truncated, None)` or `(None, False, problem)` for one record, in a worker."""
+    try:
+        return (*tokenize_record(record, _WORKER["processor"], _WORKER["max_length"]), None)
+    except Exception as e:  # one bad record is one problem line, never a dead worker
+        problem = image_problem(e)
+        if problem is None:
+            raise
+        return None, False, problem
 
 
 class PreferenceDataset(torch.utils.data.Dataset):

@@ -29,8 +29,18 @@ def image_only(cls: type) -> type:
         self.image_processor.to_json_file(os.path.join(save_directory, "preprocessor_config.json"))
         return out
 
+    def __reduce__(self):  # pickled (to preparation workers) as the base class and its state, rebuilt here
+        return _rebuild_image_only, (cls, self.__dict__)
+
     return type(cls.__name__, (cls,), {"get_attributes": get_attributes, "save_pretrained": save_pretrained,
+                                       "__reduce__": __reduce__,
                                        "__module__": cls.__module__})
+
+
+def _rebuild_image_only(cls: type, state: dict):
+    processor = image_only(cls).__new__(image_only(cls))
+    processor.__dict__.update(state)
+    return processor
 
 
 def load_processor(path: str, family=None):

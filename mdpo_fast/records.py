@@ -6,6 +6,7 @@ rejected` (plain strings or conversational messages); RLAIF-V `image, question, 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from dataclasses import dataclass
@@ -30,14 +31,38 @@ class Record:
     """One preference pair. `prompt` is a list of chat messages whose user turn holds one image."""
 
     index: int  # position in the source, stable across skips: the corruption is keyed on it
-    image: Any  # path, bytes or PIL image; decoded only when needed
+    image: Any  # path, bytes, PIL image or ArrowImage; decoded only when needed
     prompt: tuple
     chosen: str
     rejected: str
 
 
+@dataclass(frozen=True)
+class ArrowImage:
+    """An image inside a Hugging Face dataset's Arrow files (`save_to_disk` or the hub cache), read from the
+    memory-mapped files when needed, so neither the records nor the examples hold image bytes."""
+
+    files: tuple[str, ...]
+    row: int
+    column: str
+
+    def read(self) -> bytes:
+        value = _arrow_dataset(self.files)[self.row][self.column].to_pylist()[0]
+        return _image_ref(value, None)
+
+
+@functools.lru_cache(maxsize=4)
+def _arrow_dataset(files: tuple[str, ...]):
+    import datasets
+
+    parts = [datasets.Dataset.from_file(f) for f in files]  # memory-mapped, nothing read yet
+    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)).with_format("arrow")
+
+
 def load_image(ref: Any) -> Image.Image:
     """Decode an image reference fully (truncated files fail here, not mid-training) as RGB."""
+    if isinstance(ref, ArrowImage):
+        ref = ref.read()
     if isinstance(ref, Image.Image):
         image = ref
     elif isinstance(ref, (bytes, bytearray)):
@@ -66,7 +91,7 @@ def _image_ref(value: Any, image_root: Path | None) -> Any:
         if not path.is_file():
             raise ValueError(f"image file not found: {path}")
         return str(path)
-    if isinstance(value, (bytes, bytearray, Image.Image)):
+    if isinstance(value, (bytes, bytearray, Image.Image, ArrowImage)):
         return value
     raise ValueError(f"image must be a path, bytes or PIL image, got {type(value).__name__}")
 
@@ -190,6 +215,12 @@ def _read_hf_dataset(source: str | Path, split: str):
         raise DataError([f"{source}: no such file or directory"])
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[split]
+    columns = [c for c in ("image", "images") if c in ds.column_names]
+    files = tuple(f["filename"] for f in ds.cache_files)
+    if columns and files and ds._indices is None:  # images stay in the memory-mapped files, referenced by row
+        for row, record in enumerate(ds.remove_columns(columns)):
+            yield {**record, **{c: ArrowImage(files, row, c) for c in columns}}
+        return
     for column in ("image", "images"):  # keep images compressed; decode one at a time when used
         feature = ds.features.get(column)
         if isinstance(feature, datasets.Image):
@@ -233,3 +264,10 @@ def _reason(e: Exception) -> str:
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
         return f"image cannot be read: {e}"
     return str(e)
+
+
+def image_problem(e: Exception) -> str | None:
+    """The one-line problem for an error a bad record causes while it is read and tokenized; None for others."""
+    if isinstance(e, (ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError)):
+        return _reason(e)
+    return None

@@ -27,7 +27,9 @@ def fingerprint(args, examples) -> str:
         settings.append(args.seed)
     h.update(json.dumps(settings, default=str).encode())
     for ex in examples:
-        h.update(json.dumps([ex.index, ex.prompt_ids, ex.chosen_ids, ex.rejected_ids]).encode())
+        h.update(json.dumps([ex.index, len(ex.prompt_ids), len(ex.chosen_ids)]).encode())
+        for ids in (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids):
+            h.update(bytes(ids))
     return h.hexdigest()[:16]
 
 
@@ -75,7 +77,10 @@ def precompute_ref_logps(trainer) -> dict[int, torch.Tensor]:
         torch.utils.data.Subset(dataset, missing), batch_size=args.per_device_train_batch_size,
         collate_fn=trainer.data_collator, num_workers=args.dataloader_num_workers,
     )
-    for batch in loader:
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(loader, desc="reference log-probs", unit="batch",
+                      disable=not trainer.is_world_process_zero() or len(loader) < 8):
         batch = trainer._prepare_inputs(batch)
         store.add(batch["example_index"], trainer.reference_logps(batch))
     trainer.accelerator.wait_for_everyone()

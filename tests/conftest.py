@@ -1,8 +1,11 @@
 import os
+import tempfile
 
 # Before triton is imported anywhere: kernels run on CPU tensors through the interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Prepared-data caches of the test runs stay out of the user's own cache.
+os.environ.setdefault("MDPO_FAST_CACHE", tempfile.mkdtemp(prefix="mdpo-fast-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

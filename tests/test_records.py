@@ -9,7 +9,7 @@ from PIL import Image
 
 from mdpo_fast.data import prepare_dataset
 from mdpo_fast.examples import build_examples
-from mdpo_fast.records import DataError, load_records
+from mdpo_fast.records import ArrowImage, DataError, load_image, load_records
 
 
 def _png(path=None, size=(20, 16), noise=False):
@@ -72,7 +72,9 @@ def test_hf_dataset_rlaif_v_layout(tmp_path):
     ds.save_to_disk(str(tmp_path / "ds"))
     records, problems = load_records(tmp_path / "ds")
     assert problems == [] and [r.chosen for r in records] == ["Blue.", "Green."]
-    assert isinstance(records[0].image, bytes)  # kept compressed until used
+    # referenced in the memory-mapped Arrow files, read (still compressed) only when used
+    assert isinstance(records[0].image, ArrowImage) and isinstance(records[0].image.read(), bytes)
+    assert load_image(records[1].image).getpixel((0, 0)) == (0, 255, 0)
 
 
 def test_trl_plain_with_image_bytes(tmp_path):
@@ -82,7 +84,7 @@ def test_trl_plain_with_image_bytes(tmp_path):
     })
     ds.save_to_disk(str(tmp_path / "ds"))
     (r,), problems = load_records(tmp_path / "ds")
-    assert problems == [] and r.chosen == "Dark." and isinstance(r.image, bytes)
+    assert problems == [] and r.chosen == "Dark." and isinstance(r.image.read(), bytes)  # the list's one image
 
 
 def test_every_bad_record_is_named(tmp_path):
@@ -140,7 +142,7 @@ def test_answers_truncated_to_fit(tmp_path, tiny_processor):
     (ex,), problems, n_truncated = build_examples(records, tiny_processor, max_length=40)
     assert problems == [] and n_truncated == 1
     assert len(ex.prompt_ids) + len(ex.chosen_ids) == 40
-    assert ex.rejected_ids == tuple(tiny_processor.tokenizer(" Blue.</s>", add_special_tokens=False)["input_ids"])
+    assert list(ex.rejected_ids) == tiny_processor.tokenizer(" Blue.</s>", add_special_tokens=False)["input_ids"]
 
 
 def test_prepare_dataset_stops_or_skips(tmp_path, tiny_processor):

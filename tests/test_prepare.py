@@ -1,0 +1,99 @@
+"""Preparation at scale: worker processes give what one process gives, the cache serves re-runs and rebuilds when
+anything it depends on changes, and no image bytes stay in memory."""
+
+import io
+import logging
+
+import pytest
+from PIL import Image
+
+from mdpo_fast.cli import parse_config
+from mdpo_fast.data import cache_file, prepare_dataset
+from mdpo_fast.examples import build_examples
+from mdpo_fast.records import ArrowImage, DataError, load_records
+
+
+def _dataset(tmp_path, n=12, bad=(3, 7)):
+    """A `save_to_disk` set in RLAIF-V's layout with images of several sizes; records in `bad` hold broken images."""
+    datasets = pytest.importorskip("datasets")
+
+    def image(i):
+        buf = io.BytesIO()
+        Image.new("RGB", (24 + 8 * (i % 3), 16 + 8 * (i % 2)), (40 * i % 255, 90, 160)).save(buf, format="PNG")
+        data = buf.getvalue()
+        return {"bytes": data[: len(data) // 2] if i in bad else data, "path": None}  # truncated when bad
+
+    rows = {"image": [image(i) for i in range(n)], "question": [f"What is {i}?" for i in range(n)],
+            "chosen": [f"It is {i}." for i in range(n)], "rejected": [f"It is not {i}." for i in range(n)]}
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                  "chosen": datasets.Value("string"), "rejected": datasets.Value("string")})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "ds"))
+    return tmp_path / "ds"
+
+
+def _args(tmp_path, **values):
+    return parse_config([], {"output_dir": str(tmp_path / "out"), "use_cpu": True, "report_to": "none",
+                             "max_length": 128, "skip_bad_records": True, **values})
+
+
+def test_workers_give_what_one_process_gives(tmp_path, tiny_processor):
+    records, problems = load_records(_dataset(tmp_path), check_images=False)
+    assert problems == [] and all(isinstance(r.image, ArrowImage) for r in records)  # no bytes in the records
+    serial = build_examples(records, tiny_processor, max_length=128, source="ds")
+    parallel = build_examples(records, tiny_processor, max_length=128, source="ds", num_proc=2, min_parallel=0)
+    assert parallel == serial
+    examples, problems, _ = parallel
+    assert [p.split(":")[0] for p in problems] == ["ds record 3", "ds record 7"]  # the one decode finds them
+    assert "image cannot be read" in problems[0]
+    assert [ex.index for ex in examples] == [i for i in range(12) if i not in (3, 7)]
+    assert all(isinstance(ex.image, ArrowImage) for ex in examples)
+
+
+def test_the_cache_serves_reruns_and_rebuilds_on_change(tmp_path, tiny_processor, caplog, monkeypatch):
+    data = _dataset(tmp_path)
+    args = _args(tmp_path, dataset=str(data))
+    with caplog.at_level(logging.INFO, logger="mdpo_fast"):
+        first = prepare_dataset(args, tiny_processor)
+    assert cache_file(args, tiny_processor).exists() and "cached" not in caplog.text
+    import mdpo_fast.data as data_module
+
+    monkeypatch.setattr(data_module, "build_examples", lambda *a, **k: pytest.fail("prepared again"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mdpo_fast"):
+        again = prepare_dataset(args, tiny_processor)
+    assert "cached" in caplog.text and again.examples == first.examples and again.num_skipped == 2
+    with pytest.raises(DataError, match="record 3: image cannot be read"):  # the bad-record report stays complete
+        prepare_dataset(_args(tmp_path, dataset=str(data), skip_bad_records=False), tiny_processor)
+    monkeypatch.undo()
+    # anything the examples depend on is in the key
+    keys = {cache_file(args, tiny_processor)}
+    keys.add(cache_file(_args(tmp_path, dataset=str(data), max_length=100), tiny_processor))
+    tiny_processor.chat_template, template = tiny_processor.chat_template + " ", tiny_processor.chat_template
+    keys.add(cache_file(args, tiny_processor))
+    tiny_processor.chat_template = template
+    (data / "extra.txt").write_text("new file in the data set")
+    keys.add(cache_file(args, tiny_processor))
+    assert len(keys) == 4
+
+
+def test_records_in_memory_are_not_cached(tmp_path, tiny_processor):
+    from mdpo_fast.demo_data import demo_records
+
+    assert cache_file(_args(tmp_path), tiny_processor) is None  # no --dataset: nothing on disk to key on
+    dataset = prepare_dataset(_args(tmp_path), tiny_processor, records=demo_records(n=3), source="demo")
+    assert len(dataset) == 3
+
+
+def test_image_only_processors_reach_worker_processes_intact():
+    """Processors built without their video processor pickle as their base class and state (spawned workers)."""
+    import pickle
+
+    from mdpo_fast.demo_data import demo_records
+    from mdpo_fast.examples import tokenize_record
+    from mdpo_fast.tiny import build_processor
+
+    processor = build_processor("qwen2_vl")
+    copy = pickle.loads(pickle.dumps(processor))
+    assert type(copy) is type(processor) and "video_processor" not in type(copy).get_attributes()
+    record = demo_records(n=1)[0]
+    assert tokenize_record(record, copy, 256) == tokenize_record(record, processor, 256)
