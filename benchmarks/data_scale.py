@@ -16,7 +16,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -76,7 +75,12 @@ def hub_shaped_processor(family: str):
 
 
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Resident memory now (not the peak): what the prepared set keeps."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/status", encoding="utf-8") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 def phase(args) -> dict:
@@ -88,6 +92,8 @@ def phase(args) -> dict:
     config = parse_config([], {"output_dir": args.out, "use_cpu": True, "report_to": "none", "dataset": args.data,
                                "max_length": 4096, "precompute_ref_logps": False, "packing": False,
                                "per_device_train_batch_size": 8})
+    import datasets  # noqa: F401  (imported before the baseline, as preparation imports it)
+
     before = _rss_mib()
     start = time.perf_counter()
     dataset = prepare_dataset(config, processor)

@@ -96,9 +96,9 @@ class MDPOConfig(TrainingArguments):
                   "output_dir/ref_logps, reused on resume) instead of a reference forward every step."},
     )
     dataloader_num_workers: int = field(
-        default_factory=lambda: min(4, max(1, (os.cpu_count() or 2) - 1)),
+        default_factory=lambda: min(8, max(1, (os.cpu_count() or 2) - 1)),
         metadata={"help": "Loader worker processes, which read, decode, corrupt and process the images while the "
-                  "model steps; default: up to 4, leaving a core to the training process. 0: in the main process."},
+                  "model steps; default: up to 8, leaving a core to the training process. 0: in the main process."},
     )
     dataloader_persistent_workers: bool = field(
         default=True, metadata={"help": "Keep the loader workers between epochs (no restart cost)."}

@@ -3,11 +3,13 @@ that yields each example's pixel values for the image and its corruption."""
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 from array import array
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from mdpo_fast.corruption import AREA, RATIO, corrupt_image
@@ -81,6 +83,7 @@ def build_examples(
 
     results = []
     bar = tqdm(total=len(records), desc="preparing records", unit="rec", disable=len(records) < min_parallel)
+    inner = processor.image_processor
     if num_proc > 1 and len(records) >= min_parallel:
         chunk = max(1, min(64, len(records) // (4 * num_proc)))
         # spawn: a fork of a process whose torch / tokenizer threads hold locks can hang
@@ -92,9 +95,12 @@ def build_examples(
                 bar.update()
     else:
         _init_worker(processor, max_length)
-        for record in records:
-            results.append(_prepare(record))
-            bar.update()
+        try:
+            for record in records:
+                results.append(_prepare(record))
+                bar.update()
+        finally:
+            processor.image_processor = inner
     bar.close()
     examples, problems, n_truncated = [], [], 0
     for record, (example, truncated, problem) in zip(records, results, strict=True):
@@ -110,7 +116,41 @@ _WORKER: dict = {}
 
 
 def _init_worker(processor, max_length: int) -> None:
+    processor.image_processor = SameSizeOutputs(processor.image_processor)
     _WORKER.update(processor=processor, max_length=max_length)
+
+
+class SameSizeOutputs:
+    """An image processor that runs once per image size and mode: tokenizing a prompt reads only the shapes,
+    sizes and grids of its output (they follow from the image's size alone), so later images of a seen size
+    reuse them, with pixel values as zero-memory stand-ins of the same shape. The one decode per record that
+    checks the image still happens; the resize and normalise pipeline runs only for new sizes."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.outputs: dict = {}
+
+    def __call__(self, images, *args, **kwargs):
+        key = (_sizes(images), repr(args), repr(sorted(kwargs.items())))
+        if key not in self.outputs:
+            out = self.inner(images, *args, **kwargs)
+            for name, value in out.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    out[name] = value.new_zeros(()).expand(value.shape)
+                elif isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
+                    out[name] = np.broadcast_to(np.zeros((), value.dtype), value.shape)
+            self.outputs[key] = out
+        return copy.copy(self.outputs[key])  # processors pop entries from it (Idefics3: rows, cols)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _sizes(images):
+    """(size, mode) of every image in a possibly nested list, as a hashable key."""
+    if isinstance(images, (list, tuple)):
+        return tuple(_sizes(im) for im in images)
+    return images.size, images.mode
 
 
 def _prepare(record: Record):

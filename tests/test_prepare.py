@@ -97,3 +97,22 @@ def test_image_only_processors_reach_worker_processes_intact():
     assert type(copy) is type(processor) and "video_processor" not in type(copy).get_attributes()
     record = demo_records(n=1)[0]
     assert tokenize_record(record, copy, 256) == tokenize_record(record, processor, 256)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3", "llava_next"])
+def test_one_image_processing_per_size_gives_the_same_token_ids(family):
+    """Preparation runs the pixel pipeline once per image size: the ids equal the processor's on every image."""
+    import dataclasses
+
+    from mdpo_fast.demo_data import demo_records
+    from mdpo_fast.examples import tokenize_record
+    from mdpo_fast.tiny import build_processor
+
+    processor = build_processor(family)
+    sizes = [(56, 112), (112, 56), (56, 112), (84, 84), (112, 56), (84, 84)]  # each size twice
+    records = [dataclasses.replace(r, image=r.image.resize(sizes[i])) for i, r in enumerate(demo_records(n=6))]
+    examples, problems, _ = build_examples(records, processor, max_length=512)
+    assert problems == [] and type(processor.image_processor).__name__ != "SameSizeOutputs"  # restored
+    want = [tokenize_record(r, processor, 512)[0] for r in records]  # the plain processor, every image processed
+    assert examples == want
+    assert len({len(ex.prompt_ids) for ex in examples}) > 1  # the sizes do change the prompts
