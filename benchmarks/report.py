@@ -85,6 +85,15 @@ def table() -> str:
             f"| `linear_token_logprobs` (chunked PyTorch path) vs full-logits PyTorch, forward + backward peak extra "
             f"memory, N={s['N']} H={s['H']} V={s['V']} fp32 | `python -m benchmarks.logprobs_memory` | {row['device']} "
             f"| {m['chunked']:.0f} MiB vs {m['full_logits']:.0f} MiB ({row['ratio']:.2f}x) |")
+    for row in _latest(_rows("data_scale.jsonl"), lambda r: (r["device"], r["shape"]["family"])):
+        s = row["shape"]
+        lines.append(
+            f"| data path, {s['records']} RLAIF-V-shaped records (640x480 JPEGs), {s['family']}-shaped processor, "
+            f"{s['cores']} cores: first preparation, cached re-run, resident memory, default loader | "
+            f"`python -m benchmarks.data_scale --records {s['records']} --family {s['family']}` | {row['device']} | "
+            f"{row['first_ms_per_record']:.1f} ms/record first, {row['cached_ms_per_record']:.2f} ms/record cached; "
+            f"{row['rss_per_record_kib']:.1f} KiB/record resident; {row['loader_examples_per_s']:.0f} examples/s "
+            f"({row['num_workers']} loader worker) |")
     for row in _latest(_rows("demo.jsonl"), lambda r: r["bench"]):
         a = row["accuracies"]
         lines.append(f"| `mdpo-fast demo` ({row['shape']['steps']} steps, tiny model), wall time | "

@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    from mdpo_fast.layout_check import LayoutMismatchError
     from mdpo_fast.records import DataError
     from mdpo_fast.trainer import NonFiniteLossError
 
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"mdpo-fast: error: {e}", file=sys.stderr)
         return 3
+    except LayoutMismatchError as e:
+        print(f"mdpo-fast: error: {e}", file=sys.stderr)
+        return 4
     except ValueError as e:
         print(f"mdpo-fast: error: {e}", file=sys.stderr)
         return 2

@@ -331,3 +331,15 @@ def test_other_attention_backends_build_the_same_packed_masks(setup, tmp_path, i
     finally:
         base.set_attn_implementation(before)
     torch.testing.assert_close(got, plain[False], rtol=0, atol=TOLERANCE)
+
+
+def test_the_cli_reports_a_layout_mismatch_in_one_line(monkeypatch, capsys):
+    import mdpo_fast.cli as cli
+
+    def mismatch(args):
+        raise LayoutMismatchError("record 0, chosen branch: the packed layout gives log-prob -1.0, ...")
+
+    monkeypatch.setattr(cli, "run_training", mismatch)
+    assert cli.main(["train", "--output_dir", "unused"]) == 4
+    assert capsys.readouterr().err == "mdpo-fast: error: record 0, chosen branch: the packed layout gives log-prob " \
+        "-1.0, ...\n"
