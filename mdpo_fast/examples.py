@@ -3,9 +3,13 @@ that yields each example's pixel values for the image and its corruption."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import multiprocessing
+import sys
+import types
 from array import array
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +26,9 @@ MIN_PARALLEL = 256
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized record. Token ids are `array('i')` (4 bytes a token, not a Python int's 28), so 83k examples
-    with 576 image tokens each stay a few hundred MiB; the image is a reference, read when a loader needs it."""
+    """One tokenized record. Token ids are arrays of 2 bytes a token (4 for vocabularies over 65536), not Python
+    ints of 28, so 83k examples with 576 image tokens each stay a few hundred MiB; the image is a reference, read
+    when a loader needs it."""
 
     index: int  # the record's index in its source
     image: Any
@@ -62,14 +67,15 @@ def tokenize_record(record: Record, processor, max_length: int) -> tuple[Example
             f"prompt takes {len(prompt_ids)} tokens ({n_image} of them image tokens), leaving no room for the "
             f"answer within max_length={max_length}; truncating would cut the image tokens, raise max_length"
         )
+    code = "H" if len(processor.tokenizer) <= 1 << 16 else "i"  # 2 bytes a token where the vocabulary allows
     answers, texts, truncated = [], [], False
     for answer in (record.chosen, record.rejected):
         text = _answer_text(processor, record.prompt, answer, prompt_text)
         ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         truncated |= len(ids) > room
-        answers.append(array("i", ids[:room]))
+        answers.append(array(code, ids[:room]))
         texts.append(text)
-    return Example(record.index, record.image, array("i", prompt_ids), *answers, prompt_text, *texts), truncated
+    return Example(record.index, record.image, array(code, prompt_ids), *answers, prompt_text, *texts), truncated
 
 
 def build_examples(
@@ -86,11 +92,13 @@ def build_examples(
     inner = processor.image_processor
     if num_proc > 1 and len(records) >= min_parallel:
         chunk = max(1, min(64, len(records) // (4 * num_proc)))
-        # spawn: a fork of a process whose torch / tokenizer threads hold locks can hang
-        with multiprocessing.get_context("spawn").Pool(
-            num_proc, initializer=_init_worker, initargs=(processor, max_length)
+        # spawn: a fork of a process whose torch / tokenizer threads hold locks can hang. An executor, not a
+        # Pool: a worker that dies is an error here, not a replacement worker started forever.
+        with _main_not_reimported(), ProcessPoolExecutor(
+            num_proc, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+            initargs=(processor, max_length),
         ) as pool:
-            for result in pool.imap(_prepare, records, chunksize=chunk):
+            for result in pool.map(_prepare, records, chunksize=chunk):
                 results.append(result)
                 bar.update()
     else:
@@ -113,6 +121,18 @@ def build_examples(
 
 
 _WORKER: dict = {}
+
+
+@contextlib.contextmanager
+def _main_not_reimported():
+    """Spawned workers re-run the caller's main script unless it is hidden from them; they need nothing from it,
+    and a script without an `if __name__ == "__main__"` guard would otherwise prepare again in every worker."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def _init_worker(processor, max_length: int) -> None:
