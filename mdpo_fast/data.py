@@ -48,7 +48,7 @@ def prepare_dataset(args, processor, records: list[Record] | None = None, source
             num_proc=getattr(args, "dataset_num_proc", None) or 1,
         )
         problems = sorted(problems + bad, key=_record_number)
-        if cache is not None:
+        if cache is not None and not problems:  # bad records are fixed in place: check them again next run
             _write_atomically(cache, (examples, problems, n_truncated))
     logger.info("prepared %d records of %s (%d bad) in %.1f s%s", len(examples) + len(problems), source,
                 len(problems), time.perf_counter() - start, f" (cached: {cache})" if hit else "")

@@ -50,7 +50,7 @@ def test_workers_give_what_one_process_gives(tmp_path, tiny_processor):
 
 
 def test_the_cache_serves_reruns_and_rebuilds_on_change(tmp_path, tiny_processor, caplog, monkeypatch):
-    data = _dataset(tmp_path)
+    data = _dataset(tmp_path, bad=())
     args = _args(tmp_path, dataset=str(data))
     with caplog.at_level(logging.INFO, logger="mdpo_fast"):
         first = prepare_dataset(args, tiny_processor)
@@ -61,9 +61,7 @@ def test_the_cache_serves_reruns_and_rebuilds_on_change(tmp_path, tiny_processor
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mdpo_fast"):
         again = prepare_dataset(args, tiny_processor)
-    assert "cached" in caplog.text and again.examples == first.examples and again.num_skipped == 2
-    with pytest.raises(DataError, match="record 3: image cannot be read"):  # the bad-record report stays complete
-        prepare_dataset(_args(tmp_path, dataset=str(data), skip_bad_records=False), tiny_processor)
+    assert "cached" in caplog.text and again.examples == first.examples and len(again) == 12
     monkeypatch.undo()
     # anything the examples depend on is in the key
     keys = {cache_file(args, tiny_processor)}
@@ -74,6 +72,16 @@ def test_the_cache_serves_reruns_and_rebuilds_on_change(tmp_path, tiny_processor
     (data / "extra.txt").write_text("new file in the data set")
     keys.add(cache_file(args, tiny_processor))
     assert len(keys) == 4
+
+
+def test_a_set_with_bad_records_is_checked_again_each_run(tmp_path, tiny_processor):
+    """Users fix bad images in place, under the same names: such a set is never served from the cache."""
+    data = _dataset(tmp_path)
+    args = _args(tmp_path, dataset=str(data))
+    assert prepare_dataset(args, tiny_processor).num_skipped == 2
+    assert not cache_file(args, tiny_processor).exists()
+    with pytest.raises(DataError, match="record 3: image cannot be read"):
+        prepare_dataset(_args(tmp_path, dataset=str(data), skip_bad_records=False), tiny_processor)
 
 
 def test_records_in_memory_are_not_cached(tmp_path, tiny_processor):
