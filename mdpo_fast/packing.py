@@ -77,25 +77,35 @@ def rows_too_long(examples, max_tokens: int, prefix_sharing: bool) -> list[str]:
     return problems
 
 
-def attention_mask(units: torch.Tensor, roles: torch.Tensor, positions: torch.Tensor | None = None,
-                   groups: torch.Tensor | None = None, window: int | None = None,
-                   window_limits_groups: bool = False) -> torch.Tensor:
-    """`[R, 1, L, L]` bool, True where query i may attend key j: same unit, never from the second answer of a
-    unit to the first one (rejected does not see chosen), and j <= i or i and j in one bidirectional group
-    (`groups` >= 0). For a sliding-window layer also i - j < `window` in positions: on the causal part only,
-    or on groups too with `window_limits_groups` (the two ways families compose them)."""
-    length = units.shape[1]
-    allowed = torch.ones(length, length, dtype=torch.bool, device=units.device).tril()[None]
-    in_window = None if window is None else positions[:, :, None] - positions[:, None, :] < window
-    if in_window is not None and not window_limits_groups:
-        allowed = allowed & in_window
-    if groups is not None:
-        allowed = allowed | ((groups[:, :, None] == groups[:, None, :]) & (groups[:, :, None] >= 0))
-    if in_window is not None and window_limits_groups:
-        allowed = allowed & in_window
-    same = units[:, :, None] == units[:, None, :]
-    crossing = (roles[:, :, None] == SECOND_ANSWER) & (roles[:, None, :] == FIRST_ANSWER)
-    return (same & allowed & ~crossing)[:, None]
+def mask_rule(units: torch.Tensor, roles: torch.Tensor, positions: torch.Tensor | None = None,
+              groups: torch.Tensor | None = None, window: int | None = None, window_limits_groups: bool = False):
+    """`rule(b, h, q, kv)` -> True where query q of row b may attend key kv: same unit, never from the second
+    answer of a unit to the first one (rejected does not see chosen), and kv <= q or q and kv in one
+    bidirectional group (`groups` >= 0). For a sliding-window layer also q - kv < `window` in positions: on the
+    causal part only, or on groups too with `window_limits_groups` (the two ways families compose them).
+    The indices may be scalars (FlexAttention) or broadcasting index tensors (a dense mask)."""
+
+    def rule(b, h, q, kv):
+        allowed = kv <= q
+        in_window = None if window is None else positions[b, q] - positions[b, kv] < window
+        if in_window is not None and not window_limits_groups:
+            allowed = allowed & in_window
+        if groups is not None:
+            allowed = allowed | ((groups[b, q] == groups[b, kv]) & (groups[b, q] >= 0))
+        if in_window is not None and window_limits_groups:
+            allowed = allowed & in_window
+        crossing = (roles[b, q] == SECOND_ANSWER) & (roles[b, kv] == FIRST_ANSWER)
+        return (units[b, q] == units[b, kv]) & allowed & ~crossing
+
+    return rule
+
+
+def attention_mask(units: torch.Tensor, roles: torch.Tensor, **layout) -> torch.Tensor:
+    """`[R, 1, L, L]` bool, True where query i may attend key j: `mask_rule` evaluated densely."""
+    rows, length = units.shape
+    index = torch.arange(length, device=units.device)
+    b = torch.arange(rows, device=units.device)[:, None, None]
+    return mask_rule(units, roles, **layout)(b, None, index[None, :, None], index[None, None, :])[:, None]
 
 
 def balance_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -127,25 +137,13 @@ def dense_row_tokens(hidden_size: int) -> int:
     return 2 * hidden_size
 
 
-def block_mask(units: torch.Tensor, roles: torch.Tensor, positions: torch.Tensor | None = None,
-               groups: torch.Tensor | None = None, window: int | None = None, window_limits_groups: bool = False):
-    """The same rule as `attention_mask`, as a FlexAttention `BlockMask`: fully masked blocks are skipped,
+def block_mask(units: torch.Tensor, roles: torch.Tensor, **layout):
+    """The same `mask_rule` as `attention_mask`, as a FlexAttention `BlockMask`: fully masked blocks are skipped,
     so long rows cost no wasted attention."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    def rule(b, h, q, kv):
-        allowed = kv <= q
-        if window is not None and not window_limits_groups:
-            allowed = allowed & (positions[b, q] - positions[b, kv] < window)
-        if groups is not None:
-            allowed = allowed | ((groups[b, q] == groups[b, kv]) & (groups[b, q] >= 0))
-        if window is not None and window_limits_groups:
-            allowed = allowed & (positions[b, q] - positions[b, kv] < window)
-        crossing = (roles[b, q] == SECOND_ANSWER) & (roles[b, kv] == FIRST_ANSWER)
-        return (units[b, q] == units[b, kv]) & allowed & ~crossing
-
     rows, length = units.shape
-    return create_block_mask(rule, rows, None, length, length, device=units.device)
+    return create_block_mask(mask_rule(units, roles, **layout), rows, None, length, length, device=units.device)
 
 
 class PackedCollator:
