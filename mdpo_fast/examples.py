@@ -18,7 +18,7 @@ import torch
 
 from mdpo_fast.corruption import AREA, RATIO, corrupt_image
 from mdpo_fast.families.base import Family, image_prompt
-from mdpo_fast.records import DataError, Record, image_problem, load_image
+from mdpo_fast.records import RECORD_ERRORS, DataError, Record, load_image, problem_line
 
 # Below this many records, preparation runs in this process: starting workers costs seconds.
 MIN_PARALLEL = 256
@@ -89,7 +89,6 @@ def build_examples(
 
     results = []
     bar = tqdm(total=len(records), desc="preparing records", unit="rec", disable=len(records) < min_parallel)
-    inner = processor.image_processor
     if num_proc > 1 and len(records) >= min_parallel:
         chunk = max(1, min(64, len(records) // (4 * num_proc)))
         # spawn: a fork of a process whose torch / tokenizer threads hold locks can hang. An executor, not a
@@ -102,13 +101,15 @@ def build_examples(
                 results.append(result)
                 bar.update()
     else:
+        inner = processor.image_processor
         _init_worker(processor, max_length)
         try:
             for record in records:
                 results.append(_prepare(record))
                 bar.update()
-        finally:
+        finally:  # the caller's processor as it was, and not held here
             processor.image_processor = inner
+            _WORKER.clear()
     bar.close()
     examples, problems, n_truncated = [], [], 0
     for record, (example, truncated, problem) in zip(records, results, strict=True):
@@ -177,11 +178,8 @@ def _prepare(record: Record):
     """`(example, truncated, None)` or `(None, False, problem)` for one record, in a worker."""
     try:
         return (*tokenize_record(record, _WORKER["processor"], _WORKER["max_length"]), None)
-    except Exception as e:  # one bad record is one problem line, never a dead worker
-        problem = image_problem(e)
-        if problem is None:
-            raise
-        return None, False, problem
+    except RECORD_ERRORS as e:  # one bad record is one problem line, never a dead worker
+        return None, False, problem_line(e)
 
 
 class PreferenceDataset(torch.utils.data.Dataset):

@@ -7,8 +7,6 @@ import logging
 
 import torch
 
-from mdpo_fast.loss import NUM_BRANCHES
-
 logger = logging.getLogger("mdpo_fast")
 
 # Largest mean per-token difference (nats) between the layout and the plain forward: numerical noise at the
@@ -56,8 +54,8 @@ def check_layout(model, processor, family, dataset, example_rows: list[int], lay
         ex = dataset.examples[row]
         image, corrupted = dataset.images(row)
         branches = [(image, ex.chosen_text, ex.chosen_ids), (image, ex.rejected_text, ex.rejected_ids),
-                    (corrupted, ex.chosen_text, ex.chosen_ids)]
-        for branch, (img, text, ids) in enumerate(branches[:NUM_BRANCHES]):
+                    (corrupted, ex.chosen_text, ex.chosen_ids)]  # in the loss's order (loss.CHOSEN, ...)
+        for branch, (img, text, ids) in enumerate(branches):
             where = f"record {ex.index}, {('chosen', 'rejected', 'corrupted')[branch]} branch"
             want = plain_logps(model, processor, family, ex.prompt_text, text, ex.prompt_ids, ids, img, where=where)
             got = layout_logps[b, branch].float()

@@ -249,8 +249,8 @@ def load_records(
             record = parse_record(row, index, root)
             if check_images:
                 load_image(record.image)
-        except (ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-            problems.append(f"{source} record {index}: {_reason(e)}")
+        except RECORD_ERRORS as e:
+            problems.append(f"{source} record {index}: {problem_line(e)}")
             continue
         records.append(record)
     if not records and not problems:
@@ -258,16 +258,15 @@ def load_records(
     return records, problems
 
 
-def _reason(e: Exception) -> str:
+# What a bad record raises while it is read, decoded and tokenized: each is one problem line, never a crash.
+RECORD_ERRORS = (ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError)
+
+
+def problem_line(e: Exception) -> str:
+    """The one-line problem for one of `RECORD_ERRORS`."""
     if isinstance(e, UnidentifiedImageError):
         return "image cannot be decoded (not an image, or an unsupported format)"
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
         return f"image cannot be read: {e}"
     return str(e)
 
-
-def image_problem(e: Exception) -> str | None:
-    """The one-line problem for an error a bad record causes while it is read and tokenized; None for others."""
-    if isinstance(e, (ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError)):
-        return _reason(e)
-    return None
