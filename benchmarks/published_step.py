@@ -4,6 +4,7 @@ As mDPO's trainer does it (a TRL DPOTrainer subclass): chosen and rejected padde
 forward, the corrupted-image branch in a second, fp32 logits materialised for every position, log-probs
 gathered from a full log-softmax, every image re-encoded in every forward, and both forwards again
 with adapters disabled for the reference. Same objective (`mdpo_loss`), so only the data flow differs.
+Without the corrupted branch (plain DPO) it is TRL's DPO step: the first forward alone.
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ class PublishedCollator:
         exs = [it["example"] for it in items]
         pair = pad_rows([(e.prompt_ids, e.chosen_ids) for e in exs] + [(e.prompt_ids, e.rejected_ids) for e in exs],
                        [it["image"] for it in items] * 2, self.pad_token_id, self.family, self.config)
-        corrupted = pad_rows([(e.prompt_ids, e.chosen_ids) for e in exs], [it["corrupted_image"] for it in items],
-                            self.pad_token_id, self.family, self.config)
-        tokens = pair["input_ids"].numel() + corrupted["input_ids"].numel()
-        real = int(pair["attention_mask"].sum() + corrupted["attention_mask"].sum())
-        return {"pair": pair, "corrupted": corrupted,
-                "stats": torch.tensor([real, tokens - real, 3 * len(items)])}
+        batch = {"pair": pair}
+        if "corrupted_image" in items[0]:  # plain DPO (no corrupted branch): TRL's DPO step
+            batch["corrupted"] = pad_rows([(e.prompt_ids, e.chosen_ids) for e in exs],
+                                          [it["corrupted_image"] for it in items], self.pad_token_id, self.family,
+                                          self.config)
+        tokens = sum(b["input_ids"].numel() for b in batch.values())
+        real = int(sum(b["attention_mask"].sum() for b in batch.values()))
+        images = sum(b["input_ids"].shape[0] for b in batch.values())  # each row encodes its image
+        batch["stats"] = torch.tensor([real, tokens - real, images])
+        return batch
 
 
 def sequence_logps(model, batch) -> torch.Tensor:
@@ -48,7 +53,8 @@ def sequence_logps(model, batch) -> torch.Tensor:
 def published_logps(model, batch) -> torch.Tensor:
     pair = sequence_logps(model, batch["pair"])
     b = pair.shape[0] // 2
-    return torch.stack([pair[:b], pair[b:], sequence_logps(model, batch["corrupted"])], dim=1)
+    corrupted = sequence_logps(model, batch["corrupted"]) if "corrupted" in batch else torch.zeros_like(pair[:b])
+    return torch.stack([pair[:b], pair[b:], corrupted], dim=1)
 
 
 class PublishedStepTrainer(MDPOTrainer):

@@ -92,14 +92,22 @@ def table() -> str:
             f"{s['cores']} cores: first preparation, cached re-run, resident memory, default loader | "
             f"`python -m benchmarks.data_scale --records {s['records']} --family {s['family']}` | {row['device']} | "
             f"{row['first_ms_per_record']:.1f} ms/record first, {row['cached_ms_per_record']:.2f} ms/record cached; "
-            f"{row['rss_per_record_kib']:.1f} KiB/record resident; {row['loader_examples_per_s']:.0f} examples/s "
-            f"({row['num_workers']} loader worker) |")
+            f"{_resident(row)}; {row['loader_examples_per_s']:.0f} examples/s ({row['num_workers']} loader worker) |")
     for row in _latest(_rows("demo.jsonl"), lambda r: r["bench"]):
         a = row["accuracies"]
         lines.append(f"| `mdpo-fast demo` ({row['shape']['steps']} steps, tiny model), wall time | "
                      f"`python -m benchmarks.demo` | {row['device']} | {row['seconds']:.0f} s; `rewards/accuracies` "
                      f"{a[0]:.2f} -> {a[1]:.2f} |")
     return "\n".join(lines)
+
+
+def _resident(row: dict) -> str:
+    if "anon_per_record_kib" not in row:  # rows from before the split was measured
+        return f"{row['rss_per_record_kib']:.1f} KiB/record resident"
+    return (f"resident per record: {row['anon_per_record_kib']:.1f} KiB private + "
+            f"{row['rss_per_record_kib'] - row['anon_per_record_kib']:.1f} KiB mapped file pages cached, "
+            f"{row['first_anon_per_record_kib']:.1f} + "
+            f"{row['first_rss_per_record_kib'] - row['first_anon_per_record_kib']:.1f} KiB after a first run")
 
 
 def main() -> None:

@@ -42,6 +42,11 @@ def _yaml_to_flags(path: str) -> list[str]:
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of field: value")
+    return _to_flags(values)
+
+
+def _to_flags(values: dict) -> list[str]:
+    """`{field: value}` as command-line flags (lists as several values, booleans as true / false)."""
     flags = []
     for key, value in values.items():
         if value is None:
@@ -50,10 +55,6 @@ def _yaml_to_flags(path: str) -> list[str]:
         items = value if isinstance(value, list) else [value]
         flags += [str(v).lower() if isinstance(v, bool) else str(v) for v in items]
     return flags
-
-
-def _defaults_to_flags(defaults: dict) -> list[str]:
-    return [s for k, v in defaults.items() for s in (f"--{k}", str(v))]
 
 
 def parse_config(argv: list[str], defaults: dict | None = None):
@@ -70,7 +71,7 @@ def parse_config(argv: list[str], defaults: dict | None = None):
             raise ValueError("--config needs a YAML file path")
         yaml_flags = _yaml_to_flags(argv[at + 1])
         del argv[at : at + 2]
-    flags = _defaults_to_flags(defaults or {}) + yaml_flags + argv
+    flags = _to_flags(defaults or {}) + yaml_flags + argv
     parser = HfArgumentParser(MDPOConfig, prog="mdpo-fast")
     (config,) = parser.parse_args_into_dataclasses(args=flags)
     return config

@@ -1,7 +1,8 @@
 """Layer 3 (plain path): the three branches of a batch as right-padded rows, branch-major.
 
 Rows `0..B-1` are chosen `(m, x, y_w)`, `B..2B-1` rejected `(m, x, y_l)`, `2B..3B-1` corrupted
-`(m', x, y_w)`. This simple layout is what the packed layout is tested against.
+`(m', x, y_w)` (left out when the run does not need that branch). This simple layout is what the packed
+layout is tested against.
 """
 
 from __future__ import annotations
@@ -65,15 +66,17 @@ def pad_rows(rows: list[tuple], images: list[dict], pad_token_id: int, family=No
 
 
 class PaddedCollator:
-    """`family`, `config`: the model's family adapter and config, for its per-token inputs (none if None)."""
+    """`family`, `config`: the model's family adapter and config, for its per-token inputs (none if None).
+    `num_branches`: 2 leaves the corrupted-image rows out (`loss.num_branches`)."""
 
-    def __init__(self, pad_token_id: int, family=None, config=None):
+    def __init__(self, pad_token_id: int, family=None, config=None, num_branches: int = NUM_BRANCHES):
         self.pad_token_id = pad_token_id
         self.family, self.config = family, config
+        self.num_branches = num_branches
 
     def __call__(self, items: list[dict]) -> dict:
         rows, images = [], []
-        for branch in range(NUM_BRANCHES):
+        for branch in range(self.num_branches):
             for item in items:
                 ex = item["example"]
                 rows.append((ex.prompt_ids, ex.rejected_ids if branch == REJECTED else ex.chosen_ids))

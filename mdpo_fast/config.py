@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from mdpo_fast.corruption import AREA, RATIO
-from mdpo_fast.loss import check_loss_options
+from mdpo_fast.loss import check_loss_options, num_branches
 
 
 @dataclass
@@ -55,6 +55,12 @@ class MDPOConfig(TrainingArguments):
     loss_weights: list[float] = field(
         default_factory=lambda: [1.0, 1.0, 1.0],
         metadata={"help": "Weights of (DPO, image-conditional, anchor) terms; 1 0 0 is plain DPO."},
+    )
+    imageless_metrics: bool = field(
+        default=False,
+        metadata={"help": "Build the corrupted-image branch even when the image-conditional weight is 0 (plain "
+                  "DPO), for its rewards/imageless_* metrics: one more image encode, prompt and chosen answer per "
+                  "example, about 1.5x the tokens of plain DPO. Without it that branch costs nothing."},
     )
     corruption_area: list[float] = field(
         default_factory=lambda: list(AREA), metadata={"help": "Range of the image area the corrupting crop keeps."}
@@ -106,6 +112,11 @@ class MDPOConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept false: the collator needs the whole example."}
     )
+
+    @property
+    def num_branches(self) -> int:
+        """Branches built per example: 3, or 2 (chosen, rejected) when the corrupted-image one is not needed."""
+        return num_branches(self.loss_weights, self.imageless_metrics)
 
     def __post_init__(self):
         super().__post_init__()

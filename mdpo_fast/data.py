@@ -1,8 +1,9 @@
 """Records -> validated, tokenized examples -> dataset, with every problem reported before training.
 
-Preparation runs once per configuration: its result (examples, problems) is cached under
+Preparation runs once per configuration: its examples are cached as one Arrow file under
 `$MDPO_FAST_CACHE` (default `~/.cache/mdpo_fast/prepared`), keyed by the data files, the processor
-(settings, tokenizer, chat template), `max_length` and the preparation code itself.
+(settings, tokenizer, chat template), `max_length` and the preparation code itself, and training reads
+them memory-mapped from it (`example_table`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import time
 from pathlib import Path
 
+from mdpo_fast.example_table import ExampleTable, TableWriter
 from mdpo_fast.examples import PreferenceDataset, build_examples
-from mdpo_fast.records import DataError, Record, load_records
+from mdpo_fast.loss import NUM_BRANCHES
+from mdpo_fast.records import DataError, Record, count_rows, hf_dataset, iter_records
 
 logger = logging.getLogger("mdpo_fast")
 
@@ -33,24 +35,36 @@ def prepare_dataset(args, processor, records: list[Record] | None = None, source
     cache = None if records is not None else cache_file(args, processor)
     hit = cache is not None and cache.exists()
     if hit:
-        with cache.open("rb") as f:
-            examples, problems, n_truncated = pickle.load(f)
+        examples, problems = ExampleTable(cache), []
+        n_truncated = examples.n_truncated
     else:
         problems: list[str] = []
         if records is None:
             if args.dataset is None:
                 raise DataError(["no dataset given: pass --dataset FILE_OR_DIR"])
-            # images are decoded once, below, by the same pass that tokenizes
-            records, problems = load_records(args.dataset, image_root=args.image_root, split=args.dataset_split,
-                                             check_images=False)
-        examples, bad, n_truncated = build_examples(
-            records, processor, max_length=args.max_length, source=source,
-            num_proc=getattr(args, "dataset_num_proc", None) or 1,
-        )
-        problems = sorted(problems + bad, key=_record_number)
-        if cache is not None and not problems:  # bad records are fixed in place: check them again next run
-            _write_atomically(cache, (examples, problems, n_truncated))
-    logger.info("prepared %d records of %s (%d bad) in %.1f s%s", len(examples) + len(problems), source,
+            # a stream, read a window at a time; images are decoded once, below, by the pass that tokenizes
+            total = count_rows(args.dataset, args.dataset_split)
+            records = iter_records(args.dataset, problems, image_root=args.image_root, split=args.dataset_split)
+        else:
+            total = len(records)
+        writer = None if cache is None else TableWriter(cache)
+        try:
+            examples, bad, n_truncated = build_examples(
+                records, processor, max_length=args.max_length, source=source, total=total,
+                num_proc=getattr(args, "dataset_num_proc", None) or 1, sink=writer and writer.add,
+            )
+        except BaseException:
+            if writer is not None:
+                writer.discard()
+            raise
+        n_good = len(examples) if writer is None else writer.count
+        problems = sorted(problems + bad, key=_record_number) or ([] if n_good else [f"{source}: no records"])
+        if writer is not None and problems and not args.skip_bad_records:
+            writer.discard()
+        elif writer is not None:  # with bad records, not under the cache's name: they are checked again next run
+            examples = writer.close(None if not problems else cache.with_suffix(".unchecked.arrow"))
+    n_good = len(examples) if hit else n_good
+    logger.info("prepared %d records of %s (%d bad) in %.1f s%s", n_good + len(problems), source,
                 len(problems), time.perf_counter() - start, f" (cached: {cache})" if hit else "")
     if problems and not args.skip_bad_records:
         raise DataError(problems)
@@ -59,8 +73,8 @@ def prepare_dataset(args, processor, records: list[Record] | None = None, source
     if n_truncated:
         logger.warning("%d examples had an answer truncated to max_length=%d", n_truncated, args.max_length)
     dataset = PreferenceDataset(
-        examples, processor, family, seed=args.corruption_seed,
-        area=args.corruption_area, ratio=args.corruption_ratio,
+        examples, processor, family, seed=args.corruption_seed, area=args.corruption_area,
+        ratio=args.corruption_ratio, corrupted=getattr(args, "num_branches", NUM_BRANCHES) == NUM_BRANCHES,
     )
     dataset.num_skipped = len(problems)
     return dataset
@@ -82,8 +96,8 @@ def use_chat_template(processor, chat_template: str | None, family=None) -> None
 
 
 # Bump when what preparation produces changes in a way the hashed sources below do not show.
-CACHE_VERSION = 1
-_CODE = ("examples.py", "records.py", "data.py", "families/base.py")
+CACHE_VERSION = 2
+_CODE = ("examples.py", "example_table.py", "records.py", "data.py", "families/base.py")
 
 
 def cache_dir() -> Path:
@@ -91,9 +105,9 @@ def cache_dir() -> Path:
 
 
 def cache_file(args, processor) -> Path | None:
-    """Where the prepared examples of this configuration live, or None for data without a stable identity (records
-    in memory, hub ids, which are not cached)."""
-    source = _source_identity(args.dataset)
+    """Where the prepared examples of this configuration live, or None for data without files (records in
+    memory), which are not cached."""
+    source = _source_identity(args.dataset, args.dataset_split)
     if source is None:
         return None
     tokenizer = processor.tokenizer
@@ -104,24 +118,22 @@ def cache_file(args, processor) -> Path | None:
         processor.to_json_string(), processor.chat_template, backend.to_str() if backend else tokenizer.get_vocab(),
         [hashlib.sha256((here / name).read_bytes()).hexdigest() for name in _CODE],
     ], sort_keys=True, default=str)
-    return cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.pkl"
+    return cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.arrow"
 
 
-def _source_identity(dataset) -> list | None:
-    """Every file of a local dataset (path, size, modification time); None for anything else."""
-    if dataset is None or not os.path.exists(dataset):
+def _source_identity(dataset, split: str) -> list | None:
+    """Every file of the dataset (path, size, modification time): a local file or folder, or the Arrow files a hub
+    dataset was downloaded into (a new revision is new files). None for data with no files (records in memory)."""
+    if dataset is None:
         return None
-    path = Path(dataset).resolve()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    if os.path.exists(dataset):
+        path = Path(dataset).resolve()
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        files = [Path(f["filename"]) for f in hf_dataset(str(dataset), split).cache_files]
+        if not files:
+            return None
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-
-def _write_atomically(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        pickle.dump(value, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, path)  # a killed run leaves no half-written cache
 
 
 def _record_number(problem: str) -> int:

@@ -5,23 +5,28 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import itertools
 import multiprocessing
 import sys
 import types
 from array import array
+from collections.abc import Iterable, Sized
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from mdpo_fast.corruption import AREA, RATIO, corrupt_image
 from mdpo_fast.families.base import Family, image_prompt
-from mdpo_fast.records import RECORD_ERRORS, DataError, Record, load_image, problem_line
+from mdpo_fast.records import RECORD_ERRORS, DataError, Record, check_image, load_image, problem_line
 
 # Below this many records, preparation runs in this process: starting workers costs seconds.
 MIN_PARALLEL = 256
+WINDOW = 4096  # records handed to the workers at a time
 
 
 @dataclass(frozen=True)
@@ -54,9 +59,10 @@ def _answer_text(processor, prompt_messages, answer: str, prompt_text: str) -> s
 
 def tokenize_record(record: Record, processor, max_length: int) -> tuple[Example, bool]:
     """Returns the example and whether an answer was truncated to fit `max_length`."""
-    image = load_image(record.image)
+    # The token ids follow from the image's size alone: the processor sees a blank stand-in of that size.
+    stand_in = _blank(check_image(record.image))
     prompt_text = processor.apply_chat_template(list(record.prompt), tokenize=False, add_generation_prompt=True)
-    prompt_ids = processor(text=prompt_text, images=image, return_tensors="pt")["input_ids"][0].tolist()
+    prompt_ids = processor(text=prompt_text, images=stand_in)["input_ids"][0]
     image_token_id = getattr(processor, "image_token_id", None)
     n_image = sum(t == image_token_id for t in prompt_ids)
     if image_token_id is not None and n_image == 0:
@@ -78,47 +84,72 @@ def tokenize_record(record: Record, processor, max_length: int) -> tuple[Example
     return Example(record.index, record.image, array(code, prompt_ids), *answers, prompt_text, *texts), truncated
 
 
+@functools.lru_cache(maxsize=16)
+def _blank(size: tuple[int, int]) -> Image.Image:
+    return Image.new("RGB", size)
+
+
 def build_examples(
-    records: list[Record], processor, *, max_length: int, source: str = "data", num_proc: int = 1,
-    min_parallel: int = MIN_PARALLEL,
+    records: Iterable[Record], processor, *, max_length: int, source: str = "data", num_proc: int = 1,
+    min_parallel: int = MIN_PARALLEL, sink=None, total: int | None = None,
 ) -> tuple[list[Example], list[str], int]:
-    """Decode (the one full check of each image) and tokenize every record, over `num_proc` worker processes when
-    there are at least `min_parallel` records, with a progress bar. Returns `(examples, problems, n_truncated)`,
-    one problem line per bad record, in record order whatever the number of processes."""
+    """Check every image (`check_image`, the one decode of each) and tokenize every record, over `num_proc` worker
+    processes when there are at least `min_parallel` records, with a progress bar (of `total` records if known).
+    Returns `(examples, problems, n_truncated)`, one problem line per bad record, in record order whatever the
+    number of processes. `records` may be a stream: it is read a window at a time. `sink(example, truncated)`
+    takes each example as it comes instead of the returned list (which is then empty), so that a large set is
+    never all in memory as objects."""
     from tqdm.auto import tqdm
 
-    results = []
-    bar = tqdm(total=len(records), desc="preparing records", unit="rec", disable=len(records) < min_parallel)
-    if num_proc > 1 and len(records) >= min_parallel:
-        chunk = max(1, min(64, len(records) // (4 * num_proc)))
+    total = len(records) if total is None and isinstance(records, Sized) else total
+    examples, problems, n_truncated = [], [], 0
+    with tqdm(total=total, desc="preparing records", unit="rec",
+              disable=total is not None and total < min_parallel) as bar:
+        for record, (example, truncated, problem) in _prepared(records, processor, max_length, num_proc,
+                                                               min_parallel):
+            bar.update()
+            if problem is not None:
+                problems.append(f"{source} record {record.index}: {problem}")
+                continue
+            n_truncated += truncated
+            if sink is None:
+                examples.append(example)
+            else:
+                sink(example, truncated)
+    return examples, problems, n_truncated
+
+
+def _prepared(records: Iterable[Record], processor, max_length: int, num_proc: int, min_parallel: int):
+    """`(record, (example, truncated, problem))` in record order. Workers get a window of records at a time, the
+    next one queued before the current one's results are taken, so they never wait and only two windows of
+    records are in memory at once."""
+    stream = iter(records)
+    window = list(itertools.islice(stream, WINDOW))
+    if num_proc > 1 and len(window) >= min_parallel:
         # spawn: a fork of a process whose torch / tokenizer threads hold locks can hang. An executor, not a
         # Pool: a worker that dies is an error here, not a replacement worker started forever.
-        with _main_not_reimported(), ProcessPoolExecutor(
-            num_proc, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-            initargs=(processor, max_length),
-        ) as pool:
-            for result in pool.map(_prepare, records, chunksize=chunk):
-                results.append(result)
-                bar.update()
-    else:
-        inner = processor.image_processor
-        _init_worker(processor, max_length)
-        try:
-            for record in records:
-                results.append(_prepare(record))
-                bar.update()
-        finally:  # the caller's processor as it was, and not held here
-            processor.image_processor = inner
-            _WORKER.clear()
-    bar.close()
-    examples, problems, n_truncated = [], [], 0
-    for record, (example, truncated, problem) in zip(records, results, strict=True):
-        if problem is not None:
-            problems.append(f"{source} record {record.index}: {problem}")
-            continue
-        examples.append(example)
-        n_truncated += truncated
-    return examples, problems, n_truncated
+        with ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(processor, max_length)) as pool:
+
+            def submit(part):
+                with _main_not_reimported():  # map submits every task, which starts any worker not yet started
+                    return pool.map(_prepare, part, chunksize=max(1, min(64, len(part) // (4 * num_proc))))
+
+            results = submit(window)
+            while window:
+                following = list(itertools.islice(stream, WINDOW))
+                queued = submit(following) if following else None
+                yield from zip(window, results, strict=True)
+                window, results = following, queued
+        return
+    inner = processor.image_processor
+    _init_worker(processor, max_length)
+    try:
+        for record in itertools.chain(window, stream):
+            yield record, _prepare(record)
+    finally:  # the caller's processor as it was, and not held here
+        processor.image_processor = inner
+        _WORKER.clear()
 
 
 _WORKER: dict = {}
@@ -144,8 +175,8 @@ def _init_worker(processor, max_length: int) -> None:
 class SameSizeOutputs:
     """An image processor that runs once per image size and mode: tokenizing a prompt reads only the shapes,
     sizes and grids of its output (they follow from the image's size alone), so later images of a seen size
-    reuse them, with pixel values as zero-memory stand-ins of the same shape. The one decode per record that
-    checks the image still happens; the resize and normalise pipeline runs only for new sizes."""
+    reuse them, with pixel values as zero-memory stand-ins of the same shape: the resize and normalise pipeline runs
+    once per image size, on a blank image."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -183,18 +214,23 @@ def _prepare(record: Record):
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Examples with their images processed on access, the original and the corrupted one, through the model
-    family's `image_inputs` (the generic one when `family` is None)."""
+    """Examples with their images processed on access, the original and (with `corrupted`) the corrupted one,
+    through the model family's `image_inputs` (the generic one when `family` is None)."""
 
-    def __init__(self, examples: list[Example], processor, family=None, *, seed: int, area=AREA, ratio=RATIO):
+    def __init__(self, examples: list[Example], processor, family=None, *, seed: int, area=AREA, ratio=RATIO,
+                 corrupted: bool = True):
         if not examples:
             raise DataError(["no usable examples"])
-        self.examples = examples
-        self._rows = {ex.index: i for i, ex in enumerate(examples)}
+        self.examples = examples  # a list, or an ExampleTable (memory-mapped)
+        indices = getattr(examples, "indices", None)
+        indices = np.array([ex.index for ex in examples]) if indices is None else indices
+        self._order = np.argsort(indices, kind="stable")
+        self._sorted = indices[self._order]
         self.processor = processor
         self.family = family or Family()
         self.image_prompt = image_prompt(processor)
         self.seed, self.area, self.ratio = seed, tuple(area), tuple(ratio)
+        self.corrupted = corrupted  # False: items carry no corrupted image (a run that does not use that branch)
         self.ref_logps: dict[int, torch.Tensor] | None = None  # precomputed reference log-probs by record index
 
     def __len__(self) -> int:
@@ -202,7 +238,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def row_of(self, index: int) -> int:
         """The dataset row of the example with record index `index`."""
-        return self._rows[index]
+        at = int(np.searchsorted(self._sorted, index))
+        if at == len(self._sorted) or self._sorted[at] != index:
+            raise KeyError(index)
+        return int(self._order[at])
 
     def images(self, i: int):
         """The example's image and its corruption, as PIL images."""
@@ -212,13 +251,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]
-        image, corrupted = self.images(i)
+        image = load_image(ex.image)
         # One processor call per image, so batches can concatenate them in any order, whatever the family.
-        item = {
-            "example": ex,
-            "image": self.family.image_inputs(self.processor, image, self.image_prompt),
-            "corrupted_image": self.family.image_inputs(self.processor, corrupted, self.image_prompt),
-        }
+        item = {"example": ex, "image": self.family.image_inputs(self.processor, image, self.image_prompt)}
+        if self.corrupted:
+            corrupted = corrupt_image(image, self.seed, ex.index, self.area, self.ratio)
+            item["corrupted_image"] = self.family.image_inputs(self.processor, corrupted, self.image_prompt)
         if self.ref_logps is not None:
             item["ref_logps"] = self.ref_logps[ex.index]
         return item

@@ -44,9 +44,10 @@ def plain_logps(model, processor, family, prompt_text: str, answer_text: str, pr
 
 
 def check_layout(model, processor, family, dataset, example_rows: list[int], layout_logps: torch.Tensor,
-                 layout: str, dtype: torch.dtype) -> None:
+                 layout: str, dtype: torch.dtype, num_branches: int = 3) -> None:
     """Compare `layout_logps [B, 3]` (the batch of dataset rows `example_rows`, from the layout in use) with the
-    plain forward of the first two examples, all three branches; raise `LayoutMismatchError` beyond tolerance.
+    plain forward of the first two examples, each branch built (the first `num_branches`); raise
+    `LayoutMismatchError` beyond tolerance.
     `dtype`: what the forwards compute in (the hidden states' dtype; under autocast not the weights').
     Call under the reference context (no grad, eval)."""
     tolerance = TOLERANCE.get(dtype, 5e-2)
@@ -55,7 +56,7 @@ def check_layout(model, processor, family, dataset, example_rows: list[int], lay
         image, corrupted = dataset.images(row)
         branches = [(image, ex.chosen_text, ex.chosen_ids), (image, ex.rejected_text, ex.rejected_ids),
                     (corrupted, ex.chosen_text, ex.chosen_ids)]  # in the loss's order (loss.CHOSEN, ...)
-        for branch, (img, text, ids) in enumerate(branches):
+        for branch, (img, text, ids) in enumerate(branches[:num_branches]):
             where = f"record {ex.index}, {('chosen', 'rejected', 'corrupted')[branch]} branch"
             want = plain_logps(model, processor, family, ex.prompt_text, text, ex.prompt_ids, ids, img, where=where)
             got = layout_logps[b, branch].float()

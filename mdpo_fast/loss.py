@@ -26,6 +26,15 @@ METRIC_NAMES = (
 )
 
 
+IMAGELESS_METRICS = tuple(name for name in METRIC_NAMES if "imageless" in name)
+
+
+def num_branches(weights: Sequence[float], imageless_metrics: bool = False) -> int:
+    """How many branches, in order, a run builds: the corrupted-image branch (the last) only when the conditional
+    term has a weight or its metrics are asked for; plain DPO builds chosen and rejected alone."""
+    return NUM_BRANCHES if weights[1] > 0 or imageless_metrics else NUM_BRANCHES - 1
+
+
 def check_loss_options(beta: float, weights: Sequence[float]) -> tuple[float, float, float]:
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")

@@ -127,7 +127,7 @@ def padded_answer_tokens(model: nn.Module, batch: dict) -> tuple[torch.Tensor, t
     hidden = last_hidden_states(model, inputs)[:, :-1]  # position t predicts token t + 1
     labels = batch["labels"][:, 1:]
     answer = labels != IGNORE_INDEX
-    rows, num_examples = labels.shape[0], labels.shape[0] // NUM_BRANCHES
+    rows, num_examples = labels.shape[0], batch["example_index"].shape[0]  # B rows per branch built
     row = torch.arange(rows, device=labels.device)[:, None].expand_as(labels)[answer]
     segment_ids = NUM_BRANCHES * (row % num_examples) + row // num_examples
     return hidden[answer], labels[answer], segment_ids, num_examples

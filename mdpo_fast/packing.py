@@ -42,18 +42,17 @@ class _Row:
     roles: list[int] = field(default_factory=list)
 
 
-def example_units(ex, prefix_sharing: bool) -> list[tuple]:
-    """`(prefix_ids, image ("image" | "corrupted_image"), [(answer_ids, branch), ...])` per unit."""
+def example_units(ex, prefix_sharing: bool, num_branches: int = NUM_BRANCHES) -> list[tuple]:
+    """`(prefix_ids, image ("image" | "corrupted_image"), [(answer_ids, branch), ...])` per unit; the
+    corrupted-image unit only with `num_branches` 3."""
     if prefix_sharing:
-        return [
-            (ex.prompt_ids, "image", [(ex.chosen_ids, CHOSEN), (ex.rejected_ids, REJECTED)]),
-            (ex.prompt_ids, "corrupted_image", [(ex.chosen_ids, CORRUPTED)]),
-        ]
-    return [
-        (ex.prompt_ids, "image", [(ex.chosen_ids, CHOSEN)]),
-        (ex.prompt_ids, "image", [(ex.rejected_ids, REJECTED)]),
-        (ex.prompt_ids, "corrupted_image", [(ex.chosen_ids, CORRUPTED)]),
-    ]
+        units = [(ex.prompt_ids, "image", [(ex.chosen_ids, CHOSEN), (ex.rejected_ids, REJECTED)])]
+    else:
+        units = [(ex.prompt_ids, "image", [(ex.chosen_ids, CHOSEN)]),
+                 (ex.prompt_ids, "image", [(ex.rejected_ids, REJECTED)])]
+    if num_branches > CORRUPTED:
+        units.append((ex.prompt_ids, "corrupted_image", [(ex.chosen_ids, CORRUPTED)]))
+    return units
 
 
 def unit_length(unit) -> int:
@@ -61,16 +60,16 @@ def unit_length(unit) -> int:
     return len(prefix) + sum(len(a) for a, _ in answers)
 
 
-def packed_length(ex, prefix_sharing: bool = True) -> int:
+def packed_length(ex, prefix_sharing: bool = True, num_branches: int = NUM_BRANCHES) -> int:
     """Tokens the example puts through the model in the packed layout."""
-    return sum(unit_length(u) for u in example_units(ex, prefix_sharing))
+    return sum(unit_length(u) for u in example_units(ex, prefix_sharing, num_branches))
 
 
-def rows_too_long(examples, max_tokens: int, prefix_sharing: bool) -> list[str]:
+def rows_too_long(examples, max_tokens: int, prefix_sharing: bool, num_branches: int = NUM_BRANCHES) -> list[str]:
     """One line per example whose longest unit cannot fit a row of `max_tokens` tokens."""
     problems = []
     for ex in examples:
-        need = max(unit_length(u) for u in example_units(ex, prefix_sharing))
+        need = max(unit_length(u) for u in example_units(ex, prefix_sharing, num_branches))
         if need > max_tokens:
             problems.append(f"example {ex.index} needs {need} tokens in one row, over max_tokens_per_batch="
                             f"{max_tokens}; raise max_tokens_per_batch or lower max_length")
@@ -147,15 +146,16 @@ def block_mask(units: torch.Tensor, roles: torch.Tensor, **layout):
 
 
 class PackedCollator:
-    """Packs a step's examples into rows of at most `max_tokens_per_batch` tokens. With
-    `dense_row_tokens` (SDPA or eager attention with a dense mask) rows are also capped there, or at the
-    step's longest unit if that is longer. `family` and `config` (the model's adapter and config) add what
+    """Packs a step's examples (their first `num_branches` branches) into rows of at most `max_tokens_per_batch`
+    tokens. With `dense_row_tokens` (SDPA or eager attention with a dense mask) rows are also capped there, or at
+    the step's longest unit if that is longer. `family` and `config` (the model's adapter and config) add what
     the family needs: multi-axis positions (`rope_position_ids [axes, R, L]`, each unit's own, answers
     continuing from its prefix), bidirectional `groups [R, L]` and per-token `text_inputs`."""
 
     def __init__(self, pad_token_id: int, image_token_id: int, max_tokens_per_batch: int,
                  prefix_sharing: bool = True, dense_row_tokens: int | None = None,
-                 family: Family | None = None, config=None):
+                 family: Family | None = None, config=None, num_branches: int = NUM_BRANCHES):
+        self.num_branches = num_branches
         self.pad_token_id = pad_token_id
         self.image_token_id = image_token_id
         self.max_tokens = max_tokens_per_batch
@@ -164,12 +164,13 @@ class PackedCollator:
         self.family, self.config = family or Family(), config
 
     def __call__(self, items: list[dict]) -> dict:
-        problems = rows_too_long([item["example"] for item in items], self.max_tokens, self.prefix_sharing)
+        problems = rows_too_long([item["example"] for item in items], self.max_tokens, self.prefix_sharing,
+                                 self.num_branches)
         if problems:
             raise ValueError("; ".join(problems))
         units = []  # (example_no, image inputs, (prefix, image, answers))
         for example_no, item in enumerate(items):
-            for unit in example_units(item["example"], self.prefix_sharing):
+            for unit in example_units(item["example"], self.prefix_sharing, self.num_branches):
                 units.append((example_no, item[unit[1]], unit))
         lengths = [unit_length(u[2]) for u in units]
         budget = self.max_tokens

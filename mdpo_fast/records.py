@@ -47,32 +47,49 @@ class ArrowImage:
     column: str
 
     def read(self) -> bytes:
-        value = _arrow_dataset(self.files)[self.row][self.column].to_pylist()[0]
-        return _image_ref(value, None)
+        return _image_ref(_arrow_table(self.files).column(self.column)[self.row].as_py(), None)
 
 
 @functools.lru_cache(maxsize=4)
-def _arrow_dataset(files: tuple[str, ...]):
+def _arrow_table(files: tuple[str, ...]):
+    """The Arrow table of a dataset's files, memory-mapped (nothing read until a row is)."""
     import datasets
+    import pyarrow as pa
 
-    parts = [datasets.Dataset.from_file(f) for f in files]  # memory-mapped, nothing read yet
-    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)).with_format("arrow")
+    return pa.concat_tables([datasets.Dataset.from_file(f).data.table for f in files])
+
+
+def _open(ref: Any) -> Image.Image:
+    """The image behind a reference, its header read, its pixels not yet decoded."""
+    if isinstance(ref, ArrowImage):
+        ref = ref.read()
+    if isinstance(ref, Image.Image):
+        return ref
+    return Image.open(io.BytesIO(ref) if isinstance(ref, (bytes, bytearray)) else ref)
 
 
 def load_image(ref: Any) -> Image.Image:
     """Decode an image reference fully (truncated files fail here, not mid-training) as RGB."""
-    if isinstance(ref, ArrowImage):
-        ref = ref.read()
-    if isinstance(ref, Image.Image):
-        image = ref
-    elif isinstance(ref, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(ref))
-    else:
-        image = Image.open(ref)
+    image = _open(ref)
     image.load()
     if image.width < 1 or image.height < 1:
         raise ValueError(f"image has no pixels ({image.width}x{image.height})")
     return image.convert("RGB")
+
+
+def check_image(ref: Any) -> tuple[int, int]:
+    """Prove that `load_image(ref)` will succeed, at half its cost for JPEG, and return the image's size. A JPEG is
+    decoded at 1/8 scale (draft mode): every byte of its compressed data is still entropy-decoded, which is where
+    truncation and corruption fail, only the inverse transform is cut short. Other formats decode in full."""
+    image = _open(ref)
+    size = image.size
+    if image.format == "JPEG" and not isinstance(ref, Image.Image):
+        if size[0] < 1 or size[1] < 1:
+            raise ValueError(f"image has no pixels ({size[0]}x{size[1]})")
+        image.draft(None, (max(1, size[0] // 8), max(1, size[1] // 8)))
+        image.load()
+        return size
+    return load_image(image).size
 
 
 def _image_ref(value: Any, image_root: Path | None) -> Any:
@@ -203,18 +220,26 @@ def read_rows(source: str | Path, split: str = "train"):
     yield from _read_hf_dataset(source, split)
 
 
-def _read_hf_dataset(source: str | Path, split: str):
+@functools.lru_cache(maxsize=2)
+def hf_dataset(source: str, split: str):
+    """A `save_to_disk` folder, a data folder or a hub dataset id as one memory-mapped split (opened once a run:
+    the preparation cache reads its files' identity, preparation its rows)."""
     import datasets
 
     path = Path(source)
     if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(str(path))
-    elif path.exists() or "/" in str(source):
-        ds = datasets.load_dataset(str(source), split=split)
+    elif path.exists() or "/" in source:
+        ds = datasets.load_dataset(source, split=split)
     else:
         raise DataError([f"{source}: no such file or directory"])
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds[split]
+    return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+
+
+def _read_hf_dataset(source: str | Path, split: str):
+    import datasets
+
+    ds = hf_dataset(str(source), split)
     columns = [c for c in ("image", "images") if c in ds.column_names]
     files = tuple(f["filename"] for f in ds.cache_files)
     if columns and files and ds._indices is None:  # images stay in the memory-mapped files, referenced by row
@@ -240,8 +265,20 @@ def load_records(
     With `check_images`, every image is decoded once here, so a missing or broken file is reported
     before training starts rather than at step N.
     """
+    problems: list[str] = []
+    records = list(iter_records(source, problems, image_root=image_root, split=split, check_images=check_images,
+                                rows=rows))
+    if not records and not problems:
+        problems.append(f"{source}: no records")
+    return records, problems
+
+
+def iter_records(
+    source: str | Path, problems: list[str], *, image_root: str | Path | None = None, split: str = "train",
+    check_images: bool = False, rows=None,
+):
+    """`load_records` as a stream: records one at a time, each bad one's problem line appended to `problems`."""
     root = Path(image_root) if image_root is not None else None
-    records, problems = [], []
     for index, row in enumerate(read_rows(source, split) if rows is None else rows):
         try:
             if isinstance(row, Exception):
@@ -252,10 +289,21 @@ def load_records(
         except RECORD_ERRORS as e:
             problems.append(f"{source} record {index}: {problem_line(e)}")
             continue
-        records.append(record)
-    if not records and not problems:
-        problems.append(f"{source}: no records")
-    return records, problems
+        yield record
+
+
+def count_rows(source: str | Path, split: str = "train") -> int | None:
+    """How many rows `read_rows` will give, where that is cheap to know (datasets, JSONL lines), else None."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".jsonl":
+        with path.open("rb") as f:
+            return sum(1 for line in f if line.strip())
+    if path.is_file():
+        return None
+    try:
+        return len(hf_dataset(str(source), split))
+    except (DataError, OSError, ValueError):
+        return None  # read_rows reports it
 
 
 # What a bad record raises while it is read, decoded and tokenized: each is one problem line, never a crash.

@@ -25,6 +25,8 @@ def fingerprint(args, examples) -> str:
                 list(args.corruption_ratio), args.attn_implementation]
     if args.model_name_or_path is None:  # a model built in code (the demo): its weights follow the seed
         settings.append(args.seed)
+    if args.num_branches < 3:  # the corrupted-image column was not computed (3-branch keys are as they were)
+        settings.append(f"branches={args.num_branches}")
     h.update(json.dumps(settings, default=str).encode())
     for ex in examples:
         h.update(json.dumps([ex.index, len(ex.prompt_ids), len(ex.chosen_ids)]).encode())

@@ -17,7 +17,7 @@ from mdpo_fast.collate import PaddedCollator
 from mdpo_fast.families.base import family_for, image_token_id, packed_layout_refusal
 from mdpo_fast.fused_loss import fused_linear_mdpo_loss
 from mdpo_fast.layout_check import LayoutMismatchError, check_layout
-from mdpo_fast.loss import METRIC_NAMES
+from mdpo_fast.loss import IMAGELESS_METRICS, METRIC_NAMES, NUM_BRANCHES
 from mdpo_fast.modeling import (
     image_features,
     lm_head,
@@ -61,14 +61,17 @@ class MDPOTrainer(Trainer):
         if "data_collator" not in kwargs and args.packing and refusal:
             logger.warning("packing off, training in the padded layout: %s", refusal)
             args.packing = False
+        if args.num_branches == NUM_BRANCHES and not train_dataset.corrupted:
+            raise ValueError("the training set was prepared without corrupted images, which this run's loss_weights "
+                             "(or imageless_metrics) need: prepare it with the same configuration")
         if "data_collator" not in kwargs and args.packing:
             dense = config.get_text_config()._attn_implementation in ("sdpa", "eager")  # masked work still done
             kwargs["data_collator"] = PackedCollator(
                 pad_id, image_token_id(config), args.max_tokens_per_batch, args.prefix_sharing,
                 dense_row_tokens=dense_row_tokens(config.get_text_config().hidden_size) if dense else None,
-                family=self.family, config=config,
+                family=self.family, config=config, num_branches=args.num_branches,
             )
-        kwargs.setdefault("data_collator", PaddedCollator(pad_id, self.family, config))
+        kwargs.setdefault("data_collator", PaddedCollator(pad_id, self.family, config, args.num_branches))
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs
         )
@@ -76,7 +79,8 @@ class MDPOTrainer(Trainer):
             raise ValueError("packing runs the vision tower outside the model's forward (once per image), where FSDP "
                              "keeps them sharded: use --packing false with FSDP (or DDP / DeepSpeed with packing)")
         if args.packing:  # an example that cannot fit one row is refused before training, not at step N
-            problems = rows_too_long(train_dataset.examples, args.max_tokens_per_batch, args.prefix_sharing)
+            problems = rows_too_long(train_dataset.examples, args.max_tokens_per_batch, args.prefix_sharing,
+                                     args.num_branches)
             if problems:
                 raise DataError(problems)
         self.reference_model = reference_model
@@ -88,7 +92,7 @@ class MDPOTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset or self.train_dataset
-        lengths = [packed_length(ex, self.args.prefix_sharing) for ex in dataset.examples]
+        lengths = [packed_length(ex, self.args.prefix_sharing, self.args.num_branches) for ex in dataset.examples]
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         # Grouped by the global batch: processes take consecutive per-device slices of each step, so a step
         # holds the same examples whatever the number of processes.
@@ -116,7 +120,7 @@ class MDPOTrainer(Trainer):
             dtype = mixed or hidden.dtype
             try:
                 check_layout(target, self.processing_class, self.family, self.train_dataset, rows, logps,
-                             "packed" if self.args.packing else "padded", dtype)
+                             "packed" if self.args.packing else "padded", dtype, self.args.num_branches)
             except LayoutMismatchError as e:
                 error = e
         failed = torch.tensor(float(error is not None), device=logps.device)
@@ -169,8 +173,9 @@ class MDPOTrainer(Trainer):
                 f"{where} at step {self.state.global_step + 1} (examples {inputs['example_index'].tolist()}); "
                 f"stopped before the optimizer step. Last good checkpoint: {last or 'none saved yet'}"
             )
-        for name in METRIC_NAMES:
-            self._metrics[name].append(metrics[name])
+        for name in METRIC_NAMES:  # the corrupted-image branch's only when it was built
+            if args.num_branches == NUM_BRANCHES or name not in IMAGELESS_METRICS:
+                self._metrics[name].append(metrics[name])
         self._count(inputs["stats"], live_reference="ref_logps" not in inputs)
         return (loss, metrics) if return_outputs else loss
 
