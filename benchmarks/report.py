@@ -27,17 +27,27 @@ def _latest(rows: list[dict], key) -> list[dict]:
 
 def _step_lines() -> list[str]:
     lines = []
-    for row in _latest(_rows("step.jsonl"), lambda r: (r["device"], r["shape"]["model"])):
+    key = lambda r: (r["device"], r["shape"]["model"], tuple(r["shape"].get("loss_weights", (1, 1, 1))))  # noqa: E731
+    for row in _latest(_rows("step.jsonl"), key):
         p, model = row["providers"], row["shape"]["model"]
+        weights = tuple(row["shape"].get("loss_weights", (1, 1, 1)))
         fast, base = p["mdpo_fast"], p["published"]
         memory = "peak_gpu_mib" if "peak_gpu_mib" in fast else "peak_rss_mib"
         what = "peak GPU memory" if memory == "peak_gpu_mib" else "peak RSS (dominated by the runtime at this size)"
         extra = f"; MFU {100 * fast['mfu']:.0f}% vs {100 * base['mfu']:.0f}%" if "mfu" in fast else ""
-        command = "python -m benchmarks.step " + ("--quick" if model == "tiny" else f"--model {model}")
+        plain = weights[1] == 0
+        command = "python -m benchmarks.step " + ("--quick" if model == "tiny" else f"--model {model}") + (
+            " --loss_weights " + " ".join(f"{w:g}" for w in weights) if weights != (1, 1, 1) else "")
+        baseline = "TRL's DPO step (the published flow without its corrupted branch)" if plain else \
+            "the published mDPO data flow"
+        ratio = row.get("ratios", {}).get("mdpo_fast")
+        ideal = (f" (token-count ideal {ratio['step_ideal']:.2f}x); one epoch with the reference precompute "
+                 f"**{ratio['epoch']:.2f}x** (ideal {ratio['epoch_ideal']:.2f}x)") if ratio else ""
         lines.append(
-            f"| one optimizer step, {model} model, batch {row['shape']['batch']}: mdpo-fast defaults vs the published "
-            f"mDPO data flow | `{command}` | {row['device']} | {fast['examples_per_s']:.1f} vs "
-            f"{base['examples_per_s']:.1f} examples/s (**{fast['examples_per_s'] / base['examples_per_s']:.2f}x**); "
+            f"| one optimizer step, {model} model, batch {row['shape']['batch']}, "
+            f"{'plain DPO' if plain else 'mDPO'}: mdpo-fast defaults vs {baseline} | `{command}` | {row['device']} | "
+            f"{fast['examples_per_s']:.1f} vs {base['examples_per_s']:.1f} examples/s "
+            f"(**{fast['examples_per_s'] / base['examples_per_s']:.2f}x**){ideal}; "
             f"{fast['tokens_per_step']:.0f} vs {base['tokens_per_step']:.0f} token positions per step; {what} "
             f"{fast[memory] / base[memory]:.2f}x{extra} |")
     return lines

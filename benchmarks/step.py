@@ -23,6 +23,7 @@ import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,8 +36,17 @@ LAYOUT = {
 }
 
 
-def length_mix_records(n: int, seed: int = 0, scale: float = 0.25, image_size: int = 32):
-    """Synthetic records: one of the demo images, a prompt of 20-80 words, answers of 30-300 words (x scale)."""
+# CPU shapes of the tiny LLaVA: image size (patch 8), width, layers, prompt and answer words (a word is a token)
+CPU_SHAPES = {
+    # the demo's proportions: 16 image tokens, short prompts and answers, hidden 128
+    "tiny": dict(image_size=32, hidden_size=128, num_layers=2, prompt=(5, 20), answer=(7, 75)),
+    # LLaVA-1.5 on RLAIF-V at a quarter scale: 144 image tokens, prompts 20-60, answers 30-200, hidden 256
+    "llava-quarter": dict(image_size=96, hidden_size=256, num_layers=4, prompt=(20, 60), answer=(30, 200)),
+}
+
+
+def length_mix_records(n: int, seed: int = 0, prompt=(20, 80), answer=(30, 300), image_size: int = 32):
+    """Synthetic records: one of the demo images, prompts and answers of word counts drawn from the ranges."""
     from mdpo_fast.demo_data import demo_rows
     from mdpo_fast.records import parse_record
     from mdpo_fast.tiny import _WORDS
@@ -45,10 +55,10 @@ def length_mix_records(n: int, seed: int = 0, scale: float = 0.25, image_size: i
     images = [row["image"] for row in demo_rows(16, seed, size=image_size)]
 
     def words(lo, hi):
-        return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(int(lo * scale), int(hi * scale)))) + "."
+        return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi))) + "."
 
-    return [parse_record({"image": rng.choice(images), "question": words(20, 80), "chosen": words(30, 300),
-                          "rejected": words(30, 300)}, i) for i in range(n)]
+    return [parse_record({"image": rng.choice(images), "question": words(*prompt), "chosen": words(*answer),
+                          "rejected": words(*answer)}, i) for i in range(n)]
 
 
 def _random_bf16(model_cls, config, device: str):
@@ -105,7 +115,7 @@ GPU_MODELS = {"llava-1.5-7b": (build_llava_7b, 336), "qwen2.5-vl-3b": (build_qwe
 
 
 def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int, out_dir: str,
-                 model_name: str = "tiny") -> dict:
+                 model_name: str = "tiny", loss_weights=(1, 1, 1), profile: bool = False) -> dict:
     import torch
     from transformers import TrainerCallback
 
@@ -114,25 +124,40 @@ def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int
     from mdpo_fast.data import prepare_dataset
     from mdpo_fast.modeling import prepare_model
     from mdpo_fast.ref_cache import precompute_ref_logps
-    from mdpo_fast.tiny import build_tiny_model
+    from mdpo_fast.tiny import build_processor, build_tiny_model
     from mdpo_fast.trainer import MDPOTrainer
 
     torch.manual_seed(0)
-    gpu = model_name != "tiny"
-    build, image_size = GPU_MODELS.get(model_name, (None, 32))
-    model, processor = build("cuda") if gpu else build_tiny_model()
+    gpu = model_name in GPU_MODELS
+    if gpu:
+        build, image_size = GPU_MODELS[model_name]
+        model, processor = build("cuda")
+        lengths = {"prompt": (20, 80), "answer": (30, 300)}
+    else:
+        shape = CPU_SHAPES[model_name]
+        processor = build_processor()
+        processor.image_processor.size = {"shortest_edge": shape["image_size"]}
+        processor.image_processor.crop_size = {"height": shape["image_size"], "width": shape["image_size"]}
+        model, processor = build_tiny_model(processor, hidden_size=shape["hidden_size"],
+                                            num_layers=shape["num_layers"])
+        image_size, lengths = shape["image_size"], {"prompt": shape["prompt"], "answer": shape["answer"]}
     args = parse_config([], {
         "output_dir": out_dir, "use_cpu": not gpu, "max_steps": warmup + steps, "bf16": gpu,
         "per_device_train_batch_size": batch_size, "learning_rate": 1e-4, "lora_r": 64 if gpu else 16,
         "lora_alpha": 128 if gpu else 32, "save_strategy": "no", "logging_steps": 10_000, "report_to": "none",
-        "disable_tqdm": True, "max_length": 2048 if gpu else 512, **LAYOUT[provider],
+        "disable_tqdm": True, "max_length": 2048 if gpu else 1024, "loss_weights": list(loss_weights),
+        **LAYOUT[provider],
     })
-    records = length_mix_records(n, scale=1.0 if gpu else 0.25, image_size=image_size)
+    records = length_mix_records(n, image_size=image_size, **lengths)
     dataset = prepare_dataset(args, processor, records=records, source="length mix")
     policy, reference = prepare_model(model, args)
     cls = PublishedStepTrainer if provider == "published" else MDPOTrainer
     trainer = cls(policy, args, dataset, processor, reference_model=reference)
     precompute_s = 0.0
+    start = time.perf_counter()
+    if provider != "published":  # once per run (before the precompute, else at the first step): timed apart
+        trainer.check_layout()
+    check_s = time.perf_counter() - start
     if args.precompute_ref_logps:
         start = time.perf_counter()
         dataset.ref_logps = precompute_ref_logps(trainer)
@@ -148,19 +173,28 @@ def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int
             times.append(time.perf_counter() - self.start)
 
     trainer.add_callback(Clock())
+    profiler = _profile_after(trainer, warmup, gpu) if profile else None
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     real_count = trainer._count
+    passes = []  # model passes over token positions: policy forward + backward (2) and live reference forward (1)
     trainer._count = lambda stats, live_reference: (
-        tokens.append(int(stats[0] + stats[1]) * (2 if live_reference else 1)), real_count(stats, live_reference))
+        tokens.append(int(stats[0] + stats[1]) * (2 if live_reference else 1)),
+        passes.append(int(stats[0] + stats[1]) * (3 if live_reference else 2)), real_count(stats, live_reference))
     trainer.train()
     measured = sorted(times[warmup:])
     step_s = measured[len(measured) // 2]
     row = {
         "provider": provider, "step_s_median": step_s, "examples_per_s": batch_size / step_s,
         "tokens_per_step": sum(tokens[warmup:]) / steps, "tokens_per_s": sum(tokens[warmup:]) / steps / step_s,
-        "precompute_s": precompute_s, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "passes_per_step": sum(passes[warmup:]) / steps, "precompute_s": precompute_s, "layout_check_s": check_s,
+        "precompute_passes_per_example": _precompute_passes(dataset, args) if args.precompute_ref_logps else 0.0,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if profiler is not None:
+        from benchmarks.step_phases import breakdown
+
+        row["phases_ms"] = breakdown(profiler, steps, "cuda" if gpu else "cpu")
     if gpu:
         from benchmarks.kernels import matmul_tflops
 
@@ -172,6 +206,52 @@ def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int
     return row
 
 
+def _precompute_passes(dataset, args) -> float:
+    """Token positions per example of the reference precompute: one forward over the packed branches."""
+    from mdpo_fast.packing import packed_length
+
+    return sum(packed_length(e, args.prefix_sharing, args.num_branches) for e in dataset.examples) / len(dataset)
+
+
+def _profile_after(trainer, warmup: int, gpu: bool):
+    """A torch.profiler over the steps after the first `warmup`, with the trainer's phases labelled."""
+    import torch
+    from transformers import TrainerCallback
+
+    from benchmarks.step_phases import label
+
+    label(trainer)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+    profiler = torch.profiler.profile(activities=activities)
+
+    class Window(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                profiler.__enter__()
+
+        def on_train_end(self, *_, **__):
+            profiler.__exit__(None, None, None)
+
+    trainer.add_callback(Window())
+    return profiler
+
+
+def _ratios(rows: dict, batch_size: int, n: int) -> dict:
+    """Each provider against the published step: measured examples/s ratio per step and over one epoch with the
+    reference precompute, beside the token-count ideal (model passes over token positions) of each."""
+    base = rows["published"]
+    steps_per_epoch = n / batch_size
+    out = {}
+    for name, r in rows.items():
+        epoch_s = r["precompute_s"] + steps_per_epoch * r["step_s_median"]
+        base_epoch_s = base["precompute_s"] + steps_per_epoch * base["step_s_median"]
+        epoch_passes = r["passes_per_step"] + r["precompute_passes_per_example"] * batch_size
+        out[name] = {"step": base["step_s_median"] / r["step_s_median"],
+                     "step_ideal": base["passes_per_step"] / r["passes_per_step"],
+                     "epoch": base_epoch_s / epoch_s, "epoch_ideal": base["passes_per_step"] / epoch_passes}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CPU tiny-model comparison (under 2 minutes)")
@@ -180,45 +260,59 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--examples", type=int, default=160)
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS))
-    parser.add_argument("--model", default="tiny", choices=["tiny", *GPU_MODELS])
+    parser.add_argument("--model", default="tiny", choices=[*CPU_SHAPES, *GPU_MODELS])
+    parser.add_argument("--loss_weights", type=float, nargs=3, default=[1.0, 1.0, 1.0],
+                        help="1 0 0: plain DPO, where the published step is TRL's DPO step")
+    parser.add_argument("--profile", action="store_true", help="time per phase (torch.profiler) after warm-up")
     parser.add_argument("--results", type=Path, default=RESULTS.parent)
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--out_dir", default="/tmp/mdpo-step-bench", help=argparse.SUPPRESS)
+    parser.add_argument("--out_dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         row = run_provider(args.child, args.steps, args.warmup, args.batch_size, args.examples,
-                           f"{args.out_dir}/{args.child}", args.model)
+                           f"{args.out_dir}/{args.child}", args.model, args.loss_weights, args.profile)
         print(json.dumps(row))
         return
     rows = {}
+    scratch = tempfile.TemporaryDirectory()  # fresh: nothing cached (reference log-probs) from an earlier run
+    args.out_dir = args.out_dir or scratch.name
     for provider in args.providers:
         cmd = [sys.executable, "-m", "benchmarks.step", "--child", provider, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch_size", str(args.batch_size), "--examples", str(args.examples),
-               "--out_dir", args.out_dir, "--model", args.model]
+               "--out_dir", args.out_dir, "--model", args.model, "--loss_weights", *map(str, args.loss_weights),
+               *(["--profile"] if args.profile else [])]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
         if out.returncode:
             sys.exit(f"{provider} failed:\n{out.stderr[-3000:]}")
         rows[provider] = json.loads(out.stdout.strip().splitlines()[-1])
     from benchmarks.record import result_row, write_result
 
-    base = rows.get("published")
+    ratios = _ratios(rows, args.batch_size, args.examples) if "published" in rows else {}
     print(f"{'provider':10s} {'step ms':>9s} {'examples/s':>11s} {'tokens/step':>12s} {'peak RSS MiB':>13s} "
-          f"{'precompute s':>13s}")
-    for r in rows.values():
-        print(f"{r['provider']:10s} {1e3 * r['step_s_median']:9.1f} {r['examples_per_s']:11.1f} "
-              f"{r['tokens_per_step']:12.0f} {r['peak_rss_mib']:13.0f} {r['precompute_s']:13.2f}")
-    gpu = args.model != "tiny"
+          f"{'precompute s':>13s} {'x step (ideal)':>15s} {'x epoch (ideal)':>16s}")
+    for name, r in rows.items():
+        x = ratios.get(name)
+        vs = f"{x['step']:6.2f} ({x['step_ideal']:.2f}) {x['epoch']:8.2f} ({x['epoch_ideal']:.2f})" if x else ""
+        print(f"{name:10s} {1e3 * r['step_s_median']:9.1f} {r['examples_per_s']:11.1f} {r['tokens_per_step']:12.0f} "
+              f"{r['peak_rss_mib']:13.0f} {r['precompute_s']:13.2f} {vs}")
+    if args.profile:
+        from benchmarks.step_phases import PHASES
+
+        print("ms per step by phase: " + " ".join(f"{p:>14s}" for p in PHASES))
+        for name, r in rows.items():
+            print(f"{name:21s} " + " ".join(f"{r['phases_ms'][p]:14.1f}" for p in PHASES))
+    gpu = args.model in GPU_MODELS
     if gpu:
         for r in rows.values():
             print(f"{r['provider']:10s} peak GPU memory {r['peak_gpu_mib']:.0f} MiB, MFU {100 * r['mfu']:.1f}%")
     write_result(args.results / "step.jsonl", result_row(
         "step", device="cuda" if gpu else "cpu", dtype="bfloat16" if gpu else "float32",
-        shape={"batch": args.batch_size, "examples": args.examples, "model": args.model}, providers=rows))
-    if base and "mdpo_fast" in rows:
-        fast = rows["mdpo_fast"]
+        shape={"batch": args.batch_size, "examples": args.examples, "model": args.model,
+               "loss_weights": args.loss_weights}, providers=rows, ratios=ratios))
+    if ratios and "mdpo_fast" in rows:
         memory = "peak_gpu_mib" if gpu else "peak_rss_mib"
-        print(f"speedup={fast['examples_per_s'] / base['examples_per_s']:.2f} "
-              f"memory_ratio={fast[memory] / base[memory]:.2f}")
+        print(f"speedup={ratios['mdpo_fast']['step']:.2f} "
+              f"memory_ratio={rows['mdpo_fast'][memory] / rows['published'][memory]:.2f}")
 
 
 if __name__ == "__main__":

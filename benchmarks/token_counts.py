@@ -16,7 +16,7 @@ import random
 import torch
 
 from mdpo_fast.examples import Example
-from mdpo_fast.packing import PackedCollator, dense_row_tokens, packed_length
+from mdpo_fast.packing import PackedCollator, packed_length
 from mdpo_fast.sampler import LengthGroupedSampler
 
 IMAGE_TOKENS, IMG = 576, 7
@@ -47,8 +47,8 @@ def published_tokens(examples, batch_size: int, seed: int) -> int:
 
 def packed_tokens(examples, batch_size: int, seed: int, max_tokens: int, prefix_sharing: bool, order=None) -> int:
     """One pass of mdpo-fast's layout: rows x width of every step (tail padding counted)."""
-    # LLaVA-1.5-7B: 4096 wide, so SDPA's dense-mask row cap (2 x 4096) is the default budget anyway
-    collate = PackedCollator(0, IMG, max_tokens, prefix_sharing, dense_row_tokens=dense_row_tokens(4096))
+    # LLaVA-1.5-7B: 4096 wide, rows as SDPA's dense masks make them
+    collate = PackedCollator(0, IMG, max_tokens, prefix_sharing, dense_hidden_size=4096)
     dummy = {"pixel_values": torch.zeros(1, 1)}
     if order is None:
         lengths = [packed_length(e, prefix_sharing) for e in examples]

@@ -93,8 +93,8 @@ class MDPOConfig(TrainingArguments):
     max_tokens_per_batch: int = field(
         default=8192,
         metadata={"help": "With packing, the most tokens in one row; a step needing more fills several rows. "
-                  "With dense attention masks (sdpa, eager) rows are also capped at twice the model's hidden "
-                  "size, where masked-out attention work stays small next to the linear layers."},
+                  "With dense attention masks (sdpa, eager) rows are as wide as costs least, weighing the "
+                  "padding of short rows against the masked-out attention work of long ones."},
     )
     precompute_ref_logps: bool = field(
         default=True,

@@ -74,13 +74,10 @@ def tokenize_record(record: Record, processor, max_length: int) -> tuple[Example
             f"answer within max_length={max_length}; truncating would cut the image tokens, raise max_length"
         )
     code = "H" if len(processor.tokenizer) <= 1 << 16 else "i"  # 2 bytes a token where the vocabulary allows
-    answers, texts, truncated = [], [], False
-    for answer in (record.chosen, record.rejected):
-        text = _answer_text(processor, record.prompt, answer, prompt_text)
-        ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-        truncated |= len(ids) > room
-        answers.append(array(code, ids[:room]))
-        texts.append(text)
+    texts = [_answer_text(processor, record.prompt, answer, prompt_text) for answer in (record.chosen, record.rejected)]
+    ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    truncated = any(len(a) > room for a in ids)
+    answers = [array(code, a[:room]) for a in ids]
     return Example(record.index, record.image, array(code, prompt_ids), *answers, prompt_text, *texts), truncated
 
 

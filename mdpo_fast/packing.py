@@ -126,14 +126,24 @@ def balance_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return [sorted(row) for row in rows]  # units keep their batch order within a row
 
 
-def dense_row_tokens(hidden_size: int) -> int:
-    """Row length at which dense-mask attention stays cheap next to the linear layers.
-
-    Per token and layer the linear layers cost about `24 d^2` FLOPs and dense attention over a row of
-    length L about `4 L d`, all of it computed whatever the mask hides: rows up to `2 d` keep the
-    masked-out share under a third (256 for a 128-wide toy, 8192 for a 4096-wide 7B model).
-    """
-    return 2 * hidden_size
+def pack_rows(lengths: list[int], max_tokens: int, dense_hidden_size: int | None = None) -> list[list[int]]:
+    """Unit indices per row (`balance_rows`). With block-sparse attention (`dense_hidden_size` None) as few rows as
+    `max_tokens` allows. A dense mask costs every masked-out entry: stacked to width W, each row costs about
+    W * (5 d + W) per layer (the linear layers about 20 d^2 FLOPs per token, dense attention 4 W d), so the row
+    capacity is the one, from the longest unit up to `max_tokens`, whose rows cost least; it trades the padding
+    that stacking short rows leaves against the attention that long rows waste."""
+    if dense_hidden_size is None:
+        return balance_rows(lengths, max_tokens)
+    best, capacity, total = None, max(lengths), sum(lengths)
+    while True:
+        rows = balance_rows(lengths, capacity)
+        width = max(sum(lengths[u] for u in row) for row in rows)
+        cost = len(rows) * width * (5 * dense_hidden_size + width)
+        if best is None or cost < best[0]:
+            best = (cost, rows)
+        if capacity >= min(max_tokens, total):
+            return best[1]
+        capacity = min(capacity + max(1, capacity // 10), max_tokens, total)  # 10% steps
 
 
 def block_mask(units: torch.Tensor, roles: torch.Tensor, **layout):
@@ -147,20 +157,20 @@ def block_mask(units: torch.Tensor, roles: torch.Tensor, **layout):
 
 class PackedCollator:
     """Packs a step's examples (their first `num_branches` branches) into rows of at most `max_tokens_per_batch`
-    tokens. With `dense_row_tokens` (SDPA or eager attention with a dense mask) rows are also capped there, or at
-    the step's longest unit if that is longer. `family` and `config` (the model's adapter and config) add what
+    tokens. With `dense_hidden_size` (the decoder's width, for SDPA or eager attention with a dense mask) the rows
+    are as wide as costs least (`pack_rows`). `family` and `config` (the model's adapter and config) add what
     the family needs: multi-axis positions (`rope_position_ids [axes, R, L]`, each unit's own, answers
     continuing from its prefix), bidirectional `groups [R, L]` and per-token `text_inputs`."""
 
     def __init__(self, pad_token_id: int, image_token_id: int, max_tokens_per_batch: int,
-                 prefix_sharing: bool = True, dense_row_tokens: int | None = None,
+                 prefix_sharing: bool = True, dense_hidden_size: int | None = None,
                  family: Family | None = None, config=None, num_branches: int = NUM_BRANCHES):
         self.num_branches = num_branches
         self.pad_token_id = pad_token_id
         self.image_token_id = image_token_id
         self.max_tokens = max_tokens_per_batch
         self.prefix_sharing = prefix_sharing
-        self.dense_row_tokens = dense_row_tokens
+        self.dense_hidden_size = dense_hidden_size
         self.family, self.config = family or Family(), config
 
     def __call__(self, items: list[dict]) -> dict:
@@ -172,11 +182,7 @@ class PackedCollator:
         for example_no, item in enumerate(items):
             for unit in example_units(item["example"], self.prefix_sharing, self.num_branches):
                 units.append((example_no, item[unit[1]], unit))
-        lengths = [unit_length(u[2]) for u in units]
-        budget = self.max_tokens
-        if self.dense_row_tokens:
-            budget = min(budget, max(self.dense_row_tokens, max(lengths)))
-        assignment = balance_rows(lengths, budget)
+        assignment = pack_rows([unit_length(u[2]) for u in units], self.max_tokens, self.dense_hidden_size)
         rows = [_Row() for _ in assignment]
         placed, predictor, targets, segments = [], [], [], []  # predictor: (row, column) until stacked
         for r, (row, row_units) in enumerate(zip(rows, assignment, strict=True)):

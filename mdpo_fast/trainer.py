@@ -28,7 +28,7 @@ from mdpo_fast.modeling import (
     sequence_logps,
     unwrap,
 )
-from mdpo_fast.packing import PackedCollator, dense_row_tokens, packed_length, rows_too_long
+from mdpo_fast.packing import PackedCollator, packed_length, rows_too_long
 from mdpo_fast.records import DataError
 from mdpo_fast.sampler import LengthGroupedSampler
 
@@ -68,7 +68,7 @@ class MDPOTrainer(Trainer):
             dense = config.get_text_config()._attn_implementation in ("sdpa", "eager")  # masked work still done
             kwargs["data_collator"] = PackedCollator(
                 pad_id, image_token_id(config), args.max_tokens_per_batch, args.prefix_sharing,
-                dense_row_tokens=dense_row_tokens(config.get_text_config().hidden_size) if dense else None,
+                dense_hidden_size=config.get_text_config().hidden_size if dense else None,
                 family=self.family, config=config, num_branches=args.num_branches,
             )
         kwargs.setdefault("data_collator", PaddedCollator(pad_id, self.family, config, args.num_branches))

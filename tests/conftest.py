@@ -49,3 +49,12 @@ def randomize_lora(policy, seed: int = 1) -> None:
     for name, p in policy.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """FlexAttention compiled from scratch: on CPU, inductor's template for the recompile that a second row width
+    triggers (dynamic shapes) does not build, so a test compiling FlexAttention must not inherit another's."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -177,6 +177,34 @@ def test_rows_are_balanced():
     assert all(row == sorted(row) for row in rows)
 
 
+def test_dense_rows_take_the_width_that_costs_least():
+    """Under a dense mask a row of width W costs W (5d + W): short units stack into rows as wide as pays off,
+    padding little; for a wide model, where attention is cheap next to the linear layers, padding is what costs."""
+    import random
+
+    from mdpo_fast.packing import balance_rows, pack_rows
+
+    rng = random.Random(0)
+    lengths = [rng.randint(220, 600) for _ in range(16)]
+
+    def cost(rows, d):
+        width = max(sum(lengths[u] for u in row) for row in rows)
+        return len(rows) * width * (5 * d + width), 1 - sum(lengths) / (len(rows) * width)
+
+    for d in (256, 4096):
+        rows = pack_rows(lengths, 8192, dense_hidden_size=d)
+        assert sorted(u for row in rows for u in row) == list(range(16))
+        chosen, padding = cost(rows, d)
+        for capacity in range(max(lengths), sum(lengths) + 1, 50):  # no capacity does better (to the 10% grid)
+            assert chosen <= 1.1 * cost(balance_rows(lengths, capacity), d)[0]
+        if d == 256:
+            one_unit_rows = cost([[u] for u in range(16)], d)
+            assert chosen < one_unit_rows[0] and padding < 0.15 < one_unit_rows[1]
+        else:
+            assert padding < 0.05
+    assert pack_rows(lengths, 1000) == balance_rows(lengths, 1000)  # block-sparse attention: fewest rows
+
+
 @pytest.mark.slow
 def test_tokens_through_the_model_against_the_published_step():
     from benchmarks.token_counts import token_counts
@@ -186,7 +214,7 @@ def test_tokens_through_the_model_against_the_published_step():
     assert counts["packed, shared prefix, live reference"]["ratio"] <= 0.7
 
 
-def test_flex_attention_block_mask_matches_the_dense_mask(lora_setup):
+def test_flex_attention_block_mask_matches_the_dense_mask(lora_setup, fresh_dynamo):
     # FlexAttention trains only on GPU (no CPU backward); its forward runs here, and must agree with SDPA.
     from mdpo_fast.modeling import image_features, packed_answer_tokens
 
