@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, by stage; one device call runs at most 10 minutes, so run them apart:
 #   run(command="bash benchmarks/gpu_session.sh kernels")   # GPU tests, kernel benchmarks, sweeps
-#   run(command="bash benchmarks/gpu_session.sh steps")     # the two model steps
+#   run(command="bash benchmarks/gpu_session.sh steps")     # the model steps, by phase; plain DPO
 # No argument runs every stage.
 # GPU tests (compiled kernels at realistic shapes), the kernel benchmarks (issue shapes and a sweep
 # with plots) and the LLaVA-1.5-7B- and Qwen2.5-VL-3B-architecture steps.
@@ -22,6 +22,8 @@ if [[ " $STAGES " == *" kernels "* ]]; then
   python3 -m benchmarks.kernels --device cuda --op linear mdpo --sweep --results "$OUT" 2>&1 | tee -a "$OUT/kernels.log"
 fi
 if [[ " $STAGES " == *" steps "* ]]; then
-  python3 -m benchmarks.step --model llava-1.5-7b --results "$OUT" 2>&1 | tee "$OUT/step.log"
-  python3 -m benchmarks.step --model qwen2.5-vl-3b --results "$OUT" 2>&1 | tee -a "$OUT/step.log"
+  # mDPO with the time per phase (torch.profiler, device time), then plain DPO against TRL's DPO step
+  python3 -m benchmarks.step --model llava-1.5-7b --profile --results "$OUT" 2>&1 | tee "$OUT/step.log"
+  python3 -m benchmarks.step --model llava-1.5-7b --loss_weights 1 0 0 --results "$OUT" 2>&1 | tee -a "$OUT/step.log"
+  python3 -m benchmarks.step --model qwen2.5-vl-3b --profile --results "$OUT" 2>&1 | tee -a "$OUT/step.log"
 fi

@@ -37,7 +37,9 @@ def _step_lines() -> list[str]:
         extra = f"; MFU {100 * fast['mfu']:.0f}% vs {100 * base['mfu']:.0f}%" if "mfu" in fast else ""
         plain = weights[1] == 0
         command = "python -m benchmarks.step " + ("--quick" if model == "tiny" else f"--model {model}") + (
-            " --loss_weights " + " ".join(f"{w:g}" for w in weights) if weights != (1, 1, 1) else "")
+            " --loss_weights " + " ".join(f"{w:g}" for w in weights) if weights != (1, 1, 1) else "") + "".join(
+            f" --{name} {row['shape'][name]}" for name, default in (("steps", 12), ("warmup", 3))
+            if row["shape"].get(name, default) != default)
         baseline = "TRL's DPO step (the published flow without its corrupted branch)" if plain else \
             "the published mDPO data flow"
         ratio = row.get("ratios", {}).get("mdpo_fast")
@@ -101,7 +103,7 @@ def table() -> str:
             f"| data path, {s['records']} RLAIF-V-shaped records (640x480 JPEGs), {s['family']}-shaped processor, "
             f"{s['cores']} cores: first preparation, cached re-run, resident memory, default loader | "
             f"`python -m benchmarks.data_scale --records {s['records']} --family {s['family']}` | {row['device']} | "
-            f"{row['first_ms_per_record']:.1f} ms/record first, {row['cached_ms_per_record']:.2f} ms/record cached; "
+            f"{row['first_ms_per_record']:.1f} ms/record first, {row['cached_ms_per_record']:.3f} ms/record cached; "
             f"{_resident(row)}; {row['loader_examples_per_s']:.0f} examples/s ({row['num_workers']} loader worker) |")
     for row in _latest(_rows("demo.jsonl"), lambda r: r["bench"]):
         a = row["accuracies"]

@@ -308,7 +308,8 @@ def main() -> None:
     write_result(args.results / "step.jsonl", result_row(
         "step", device="cuda" if gpu else "cpu", dtype="bfloat16" if gpu else "float32",
         shape={"batch": args.batch_size, "examples": args.examples, "model": args.model,
-               "loss_weights": args.loss_weights}, providers=rows, ratios=ratios))
+               "loss_weights": args.loss_weights, "steps": args.steps, "warmup": args.warmup},
+        providers=rows, ratios=ratios))
     if ratios and "mdpo_fast" in rows:
         memory = "peak_gpu_mib" if gpu else "peak_rss_mib"
         print(f"speedup={ratios['mdpo_fast']['step']:.2f} "
