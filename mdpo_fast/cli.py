@@ -77,14 +77,9 @@ def parse_config(argv: list[str], defaults: dict | None = None):
     return config
 
 
-def _resume_arg(value):
-    if value is None or str(value).lower() in ("", "false", "none"):
-        return None
-    return True if str(value).lower() in ("true", "latest") else value
-
-
 def run_training(args, model=None, processor=None, records=None, source=None):
     """Validate the data, load the model, train, save. Returns the trainer."""
+    from mdpo_fast.checkpoints import check_output_dir, resume_checkpoint
     from mdpo_fast.data import prepare_dataset
     from mdpo_fast.families import family_for
     from mdpo_fast.modeling import load_model, prepare_model
@@ -92,6 +87,9 @@ def run_training(args, model=None, processor=None, records=None, source=None):
 
     if model is None and args.model_name_or_path is None:
         raise ValueError("no model given: pass --model_name_or_path DIR_OR_HUB_ID")
+    # Where the run writes and what it resumes from, before any data or weights load.
+    check_output_dir(args.output_dir)
+    resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if model is None:
         from transformers import AutoConfig
 
@@ -119,7 +117,7 @@ def run_training(args, model=None, processor=None, records=None, source=None):
 
         dataset.ref_logps = precompute_ref_logps(trainer)
         trainer.reference_model = None  # no longer needed: frees the full fine-tuning copy
-    trainer.train(resume_from_checkpoint=_resume_arg(args.resume_from_checkpoint))
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.save_state()
     return trainer

@@ -47,6 +47,8 @@ def prepare_dataset(args, processor, records: list[Record] | None = None, source
             records = iter_records(args.dataset, problems, image_root=args.image_root, split=args.dataset_split)
         else:
             total = len(records)
+        if args.skip_bad_records:
+            records = _without_same_answers(records, problems, source)
         writer = None if cache is None else TableWriter(cache)
         try:
             examples, bad, n_truncated = build_examples(
@@ -72,12 +74,26 @@ def prepare_dataset(args, processor, records: list[Record] | None = None, source
         logger.warning("skipped %d bad records (skip_bad_records):\n  %s", len(problems), "\n  ".join(problems))
     if n_truncated:
         logger.warning("%d examples had an answer truncated to max_length=%d", n_truncated, args.max_length)
+    same = examples.n_same_answers if isinstance(examples, ExampleTable) else \
+        sum(ex.chosen_text == ex.rejected_text for ex in examples)
+    if same:
+        logger.warning("%d examples of %s have the same chosen and rejected answer: their DPO term is a constant "
+                       "log 2 (--skip_bad_records true skips them)", same, source)
     dataset = PreferenceDataset(
         examples, processor, family, seed=args.corruption_seed, area=args.corruption_area,
         ratio=args.corruption_ratio, corrupted=getattr(args, "num_branches", NUM_BRANCHES) == NUM_BRANCHES,
     )
     dataset.num_skipped = len(problems)
     return dataset
+
+
+def _without_same_answers(records, problems: list[str], source: str):
+    """The records whose chosen and rejected answers differ; each other one is a problem line (a skipped record)."""
+    for record in records:
+        if record.chosen.strip() == record.rejected.strip():
+            problems.append(f"{source} record {record.index}: the chosen and rejected answers are the same")
+            continue
+        yield record
 
 
 def use_chat_template(processor, chat_template: str | None, family=None) -> None:
@@ -114,7 +130,7 @@ def cache_file(args, processor) -> Path | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     here = Path(__file__).parent
     key = json.dumps([
-        CACHE_VERSION, source, str(args.image_root), args.dataset_split, args.max_length,
+        CACHE_VERSION, source, str(args.image_root), args.dataset_split, args.max_length, args.skip_bad_records,
         processor.to_json_string(), processor.chat_template, backend.to_str() if backend else tokenizer.get_vocab(),
         [hashlib.sha256((here / name).read_bytes()).hexdigest() for name in _CODE],
     ], sort_keys=True, default=str)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mdpo_fast.examples import Example
 
@@ -95,6 +96,8 @@ class ExampleTable(Sequence):
         self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
         self.indices = np.concatenate([b.column("index").to_numpy() for b in self._batches])  # ascending
         self.n_truncated = sum(b.column("truncated").to_numpy(zero_copy_only=False).sum() for b in self._batches)
+        self.n_same_answers = sum(pc.sum(pc.equal(b.column("chosen_text"), b.column("rejected_text"))).as_py() or 0
+                                  for b in self._batches)
         self._ids = [{name: (b.column(name).offsets.to_numpy(), b.column(name).values.to_numpy())
                       for name in _IDS} for b in self._batches]
 

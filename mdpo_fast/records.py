@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_TOKEN = "<image>"
@@ -69,11 +70,30 @@ def _open(ref: Any) -> Image.Image:
 
 
 def load_image(ref: Any) -> Image.Image:
-    """Decode an image reference fully (truncated files fail here, not mid-training) as RGB."""
+    """Decode an image reference fully (truncated files fail here, not mid-training) as RGB (`to_rgb`)."""
     image = _open(ref)
     image.load()
     if image.width < 1 or image.height < 1:
         raise ValueError(f"image has no pixels ({image.width}x{image.height})")
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as the pixels mean it: 16-bit gray scaled to 8 bits (Pillow's own conversion clips it to white),
+    transparency composited on white (as transformers' processors do), every other mode through Pillow."""
+    if image.mode.startswith("I"):  # I;16 (16-bit PNG, TIFF) and I (32-bit ints holding 16-bit values)
+        values = np.asarray(image, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"{image.mode} image with values outside 0..65535 cannot be shown in 8 bits")
+        gray = Image.fromarray(np.round(values / 257).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if image.mode == "F":
+        raise ValueError("floating-point (mode F) images have no defined 8-bit range: convert them to 8-bit first")
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image.convert("RGB")
 
 
@@ -105,6 +125,8 @@ def _image_ref(value: Any, image_root: Path | None) -> Any:
         path = Path(value)
         if image_root is not None and not path.is_absolute():
             path = image_root / path
+            if not path.resolve().is_relative_to(image_root.resolve()):  # absolute paths: the user's explicit choice
+                raise ValueError(f"image path {value!r} leads out of --image_root {image_root}")
         if not path.is_file():
             raise ValueError(f"image file not found: {path}")
         return str(path)
@@ -200,17 +222,21 @@ def read_rows(source: str | Path, split: str = "train"):
     """Rows of a .json / .jsonl file, a dataset saved with `save_to_disk`, or a hub dataset id."""
     path = Path(source)
     if path.is_file() and path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
+        with path.open("rb") as f:  # decoded line by line: one bad line is one bad record
+            for lineno, raw in enumerate(f, 1):
+                if raw.strip():
                     try:
-                        yield json.loads(line)
+                        yield json.loads(raw.decode("utf-8"))
+                    except UnicodeDecodeError as e:
+                        yield ValueError(f"line {lineno} is not valid UTF-8 (byte {e.start + 1}: {e.reason})")
                     except json.JSONDecodeError as e:
                         yield ValueError(f"line {lineno} is not valid JSON: {e.msg}")
         return
     if path.is_file():
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError([f"{source}: not valid UTF-8 (byte {e.start + 1}: {e.reason})"]) from None
         except json.JSONDecodeError as e:
             raise DataError([f"{source}: not valid JSON ({e.msg}, line {e.lineno})"]) from None
         if not isinstance(data, list):
@@ -229,11 +255,30 @@ def hf_dataset(source: str, split: str):
     path = Path(source)
     if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(str(path))
-    elif path.exists() or "/" in source:
-        ds = datasets.load_dataset(source, split=split)
+    elif path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+        raise DataError([f"{source}: the folder holds no data files"])
+    elif path.exists() or looks_like_hub_id(source):
+        try:
+            ds = datasets.load_dataset(source, split=split)
+        except Exception as e:  # noqa: BLE001 - the hub's and the loaders' many errors: one line, named
+            where = "the folder" if path.exists() else "the Hugging Face hub"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise DataError([f"{source}: cannot load from {where} ({type(e).__name__}: {first})"]) from None
     else:
         raise DataError([f"{source}: no such file or directory"])
-    return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError([f"{source}: no split {split!r} (it has {', '.join(ds)}); pass --dataset_split"])
+        ds = ds[split]
+    return ds
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """`owner/name` and nothing local: no file suffix, no path syntax, and its first part is no local folder (so
+    `data/trian.jsonl` or `data/trian`, a typo, is "no such file" at once, not a wait on the network)."""
+    parts = source.split("/")
+    return (len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and not Path(parts[0]).exists()
+            and Path(source).suffix.lower() not in (".json", ".jsonl", ".parquet", ".csv", ".arrow", ".txt"))
 
 
 def _read_hf_dataset(source: str | Path, split: str):
@@ -298,12 +343,7 @@ def count_rows(source: str | Path, split: str = "train") -> int | None:
     if path.is_file() and path.suffix == ".jsonl":
         with path.open("rb") as f:
             return sum(1 for line in f if line.strip())
-    if path.is_file():
-        return None
-    try:
-        return len(hf_dataset(str(source), split))
-    except (DataError, OSError, ValueError):
-        return None  # read_rows reports it
+    return None if path.is_file() else len(hf_dataset(str(source), split))
 
 
 # What a bad record raises while it is read, decoded and tokenized: each is one problem line, never a crash.
