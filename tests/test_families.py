@@ -25,6 +25,9 @@ LAYOUTS = {
     "padded": {"packing": False},
     "packed": {"packing": True},
     "packed-no-sharing": {"packing": True, "prefix_sharing": False},
+    # plain DPO: chosen and rejected alone, no corrupted-image unit or rows
+    "packed-plain-dpo": {"packing": True, "loss_weights": [1, 0, 0]},
+    "padded-plain-dpo": {"packing": False, "loss_weights": [1, 0, 0]},
 }
 TOLERANCE = 1e-4  # fp32, summed answer log-probs
 
@@ -82,8 +85,12 @@ def test_every_layout_equals_the_plain_forward(setup, tmp_path, layout):
     trainer, batch, policy_logps, ref_logps = _layout_logps(policy, processor, dataset, tmp_path, **LAYOUTS[layout])
     refused = family_for(policy.get_base_model().config).packing_refusal(policy.get_base_model().config)
     assert trainer.args.packing == (LAYOUTS[layout]["packing"] and refused is None)  # refused: padded instead
-    torch.testing.assert_close(policy_logps, plain[True], rtol=0, atol=TOLERANCE)
-    torch.testing.assert_close(ref_logps, plain[False], rtol=0, atol=TOLERANCE)
+    built = trainer.args.num_branches
+    torch.testing.assert_close(policy_logps[:, :built], plain[True][:, :built], rtol=0, atol=TOLERANCE)
+    torch.testing.assert_close(ref_logps[:, :built], plain[False][:, :built], rtol=0, atol=TOLERANCE)
+    assert (policy_logps[:, built:] == 0).all()
+    if built == 2:  # no corrupted image encoded: one image per example packed, two rows per example padded
+        assert batch["stats"][2] == len(dataset) * (1 if trainer.args.packing else 2)
     assert (policy_logps - ref_logps).abs().max() > 100 * TOLERANCE  # the adapters matter
     assert (plain[False][:, 0] - plain[False][:, 2]).abs().min() > 100 * TOLERANCE  # so does the image
 
