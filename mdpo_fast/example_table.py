@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ class TableWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        self.tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        self.tmp = path.with_suffix(f".{socket.gethostname()}.{os.getpid()}.tmp")  # ranks on shared storage
         self.pending: list[tuple[Example, bool]] = []
         self.writer = None
         self.count = 0
