@@ -16,6 +16,8 @@ commands:
                llava (default), llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, glm4v, gemma3,
                paligemma, paligemma2, internvl, aya_vision, idefics3, smolvlm, mistral3) and its processor
   demo-data    mdpo-fast demo-data DIR [N]: write the synthetic set as DIR/train.jsonl + DIR/images/
+  export       mdpo-fast export CHECKPOINT OUT_DIR [--model_name_or_path BASE] [--model_dtype DTYPE]: merge a LoRA
+               run's adapters into the base weights, written with the processor as a standard checkpoint
 """
 
 # The demo's defaults; any flag given on the command line overrides them.
@@ -151,6 +153,21 @@ def summary(log_history: list[dict], output_dir: str) -> str:
     return "\n".join(lines)
 
 
+def _export_args(rest: list[str]) -> tuple:
+    """`CHECKPOINT OUT_DIR [--model_name_or_path BASE] [--model_dtype DTYPE]` as export_merged's arguments."""
+    flags, positional, tokens = {"--model_name_or_path": None, "--model_dtype": "auto"}, [], iter(rest)
+    for token in tokens:
+        name = token.split("=", 1)[0]
+        if name in flags:
+            flags[name] = token.split("=", 1)[1] if "=" in token else next(tokens, None)
+        else:
+            positional.append(token)
+    if len(positional) != 2 or flags["--model_dtype"] is None or any(p.startswith("--") for p in positional):
+        raise ValueError("usage: mdpo-fast export CHECKPOINT OUT_DIR [--model_name_or_path BASE] "
+                         "[--model_dtype auto|float32|bfloat16|float16]")
+    return *positional, flags["--model_name_or_path"], flags["--model_dtype"]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -171,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             from mdpo_fast.tiny import write_tiny_model
 
             print(f"tiny model written to {write_tiny_model(rest[0], family=(rest[1:] or ['llava'])[0])}")
+        elif command == "export":
+            from mdpo_fast.export import export_merged
+
+            print(f"merged model written to {export_merged(*_export_args(rest))}")
         elif command == "demo-data" and len(rest) in (1, 2):
             from mdpo_fast.demo_data import write_demo_data
 

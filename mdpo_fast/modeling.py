@@ -18,7 +18,7 @@ from mdpo_fast.packing import SECOND_ANSWER, attention_mask, block_mask
 # An empty index: the model's own LM head computes logits for no position at all.
 _NO_LOGITS = torch.zeros(0, dtype=torch.long)
 
-_DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -59,7 +59,7 @@ def load_model(args) -> tuple[nn.Module, nn.Module | None]:
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(
-        args.model_name_or_path, dtype=_DTYPES[args.model_dtype], attn_implementation=args.attn_implementation
+        args.model_name_or_path, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation
     )
     return prepare_model(model, args)
 
