@@ -147,6 +147,8 @@ def summary(log_history: list[dict], output_dir: str) -> str:
     first, last = logs[0], logs[-1]
     lines = [f"mdpo-fast demo: {last['step']} steps"]
     for name in ("loss", "rewards/accuracies", "rewards/imageless_accuracies", "rewards/margins"):
+        if name not in last:  # imageless metrics: only where the corrupted-image branch was built
+            continue
         start, end = f"{first[name]:8.4f} (step {first['step']})", f"{last[name]:8.4f} (step {last['step']})"
         lines.append(f"  {name:30s} {start} -> {end}")
     lines.append(f"  outputs (adapters, processor, checkpoints, trainer_state.json) in {Path(output_dir).resolve()}")

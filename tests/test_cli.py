@@ -70,6 +70,16 @@ def test_demo_command_runs_and_summarizes(tmp_path):
     assert (tmp_path / "demo" / "adapter_model.safetensors").exists()
 
 
+def test_the_summary_of_a_plain_dpo_run_shows_the_metrics_it_has():
+    from mdpo_fast.cli import summary
+
+    logs = [{"step": s, "loss": 0.7 - s / 100, "rewards/accuracies": 0.5 + s / 100, "rewards/margins": s / 10}
+            for s in (10, 20)]  # plain DPO logs no imageless metrics
+    text = summary(logs, "out")
+    assert "rewards/accuracies" in text and "0.6000 (step 10) ->   0.7000 (step 20)" in text
+    assert "imageless" not in text
+
+
 def test_unknown_command_and_help():
     assert _cli("frobnicate").returncode == 2
     result = _cli("--help")
