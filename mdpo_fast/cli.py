@@ -16,6 +16,9 @@ commands:
                llava (default), llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, glm4v, gemma3,
                paligemma, paligemma2, internvl, aya_vision, idefics3, smolvlm, mistral3) and its processor
   demo-data    mdpo-fast demo-data DIR [N]: write the synthetic set as DIR/train.jsonl + DIR/images/
+  eval         mdpo-fast eval --model_name_or_path BASE [--adapter DIR] --dataset D [--image_root R]
+               [--per_example FILE.jsonl] [layout and objective flags]: the objective's metrics of a model on a
+               data set (printed, and OUTPUT_DIR/eval_metrics.json), and each record's log-probs if asked
   export       mdpo-fast export CHECKPOINT OUT_DIR [--model_name_or_path BASE] [--model_dtype DTYPE]: merge a LoRA
                run's adapters into the base weights, written with the processor as a standard checkpoint
 """
@@ -155,16 +158,26 @@ def summary(log_history: list[dict], output_dir: str) -> str:
     return "\n".join(lines)
 
 
-def _export_args(rest: list[str]) -> tuple:
-    """`CHECKPOINT OUT_DIR [--model_name_or_path BASE] [--model_dtype DTYPE]` as export_merged's arguments."""
-    flags, positional, tokens = {"--model_name_or_path": None, "--model_dtype": "auto"}, [], iter(rest)
+def _take_flags(argv: list[str], names: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """`({name: value or None}, the other arguments)`: the flags `names` (`--flag value` or `--flag=value`) taken
+    out of `argv`."""
+    flags, rest, tokens = dict.fromkeys(names), [], iter(argv)
     for token in tokens:
         name = token.split("=", 1)[0]
         if name in flags:
             flags[name] = token.split("=", 1)[1] if "=" in token else next(tokens, None)
+            if flags[name] is None:
+                raise ValueError(f"{name} needs a value")
         else:
-            positional.append(token)
-    if len(positional) != 2 or flags["--model_dtype"] is None or any(p.startswith("--") for p in positional):
+            rest.append(token)
+    return flags, rest
+
+
+def _export_args(rest: list[str]) -> tuple:
+    """`CHECKPOINT OUT_DIR [--model_name_or_path BASE] [--model_dtype DTYPE]` as export_merged's arguments."""
+    flags, positional = _take_flags(rest, ("--model_name_or_path", "--model_dtype"))
+    flags["--model_dtype"] = flags["--model_dtype"] or "auto"
+    if len(positional) != 2 or any(p.startswith("--") for p in positional):
         raise ValueError("usage: mdpo-fast export CHECKPOINT OUT_DIR [--model_name_or_path BASE] "
                          "[--model_dtype auto|float32|bfloat16|float16]")
     return *positional, flags["--model_name_or_path"], flags["--model_dtype"]
@@ -190,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
             from mdpo_fast.tiny import write_tiny_model
 
             print(f"tiny model written to {write_tiny_model(rest[0], family=(rest[1:] or ['llava'])[0])}")
+        elif command == "eval":
+            from mdpo_fast.evaluate import evaluate
+
+            extra, rest = _take_flags(rest, ("--adapter", "--per_example"))
+            args = parse_config(rest, {"output_dir": "mdpo-eval", "precompute_ref_logps": False, "report_to": "none"})
+            for name, value in evaluate(args, extra["--adapter"], extra["--per_example"]).items():
+                print(f"{name:32s} {value:.6g}")
         elif command == "export":
             from mdpo_fast.export import export_merged
 

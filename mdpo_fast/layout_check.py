@@ -7,6 +7,8 @@ import logging
 
 import torch
 
+from mdpo_fast.loss import BRANCH_NAMES
+
 logger = logging.getLogger("mdpo_fast")
 
 # Largest mean per-token difference (nats) between the layout and the plain forward: numerical noise at the
@@ -57,7 +59,7 @@ def check_layout(model, processor, family, dataset, example_rows: list[int], lay
         branches = [(image, ex.chosen_text, ex.chosen_ids), (image, ex.rejected_text, ex.rejected_ids),
                     (corrupted, ex.chosen_text, ex.chosen_ids)]  # in the loss's order (loss.CHOSEN, ...)
         for branch, (img, text, ids) in enumerate(branches[:num_branches]):
-            where = f"record {ex.index}, {('chosen', 'rejected', 'corrupted')[branch]} branch"
+            where = f"record {ex.index}, {BRANCH_NAMES[branch]} branch"
             want = plain_logps(model, processor, family, ex.prompt_text, text, ex.prompt_ids, ids, img, where=where)
             got = layout_logps[b, branch].float()
             per_token = (got - want.to(got.device)).abs().item() / max(len(ids), MIN_TOKENS)

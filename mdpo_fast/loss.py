@@ -10,6 +10,7 @@ import torch.nn.functional as F
 # Branch columns, in this order everywhere.
 CHOSEN, REJECTED, CORRUPTED = 0, 1, 2
 NUM_BRANCHES = 3
+BRANCH_NAMES = ("chosen", "rejected", "corrupted")
 
 # Names as in mDPO's own training logs ("imageless" = the corrupted-image branch).
 METRIC_NAMES = (

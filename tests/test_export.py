@@ -58,3 +58,52 @@ def test_export_refuses_to_overwrite_or_to_merge_nothing(run_dir, tmp_path, caps
     assert "holds no LoRA adapters" in capsys.readouterr().err
     assert cli.main(["export", str(run_dir)]) == 2
     assert capsys.readouterr().err.startswith("mdpo-fast: error: usage: mdpo-fast export CHECKPOINT OUT_DIR")
+
+
+def test_eval_scores_a_data_set_as_training_computes_it(run_dir, tiny_dir, demo_dir, tmp_path, capsys):
+    """`mdpo-fast eval`: the same per-record log-probs in the packed and padded layouts, equal to the adapter
+    model's own plain forward of a record; metrics printed and written; the base alone has zero rewards."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    common = ["--model_name_or_path", str(tiny_dir), "--dataset", str(demo_dir / "train.jsonl"), "--image_root",
+              str(demo_dir), "--use_cpu", "true", "--dataloader_num_workers", "0", "--max_length", "128"]
+    rows = {}
+    for packing in ("true", "false"):
+        out = tmp_path / f"eval-{packing}"
+        assert cli.main(["eval", *common, "--adapter", str(run_dir), "--packing", packing, "--output_dir",
+                         str(out), "--per_example", str(out / "records.jsonl")]) == 0
+        printed = capsys.readouterr().out
+        metrics = json.loads((out / "eval_metrics.json").read_text())
+        assert metrics["examples"] == 24 and f"{metrics['rewards/accuracies']:.6g}" in printed
+        rows[packing] = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in rows["true"]) == list(range(24))
+    by_index = {r["index"]: r for r in rows["false"]}
+    for r in rows["true"]:
+        for key in ("logps", "ref_logps"):
+            for branch, value in r[key].items():
+                assert value == pytest.approx(by_index[r["index"]][key][branch], abs=1e-4)
+    from mdpo_fast.cli import parse_config
+    from mdpo_fast.data import prepare_dataset
+    from mdpo_fast.families import family_for
+    from mdpo_fast.layout_check import plain_logps
+
+    adapted = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_dir), str(run_dir)).eval()
+    processor = AutoProcessor.from_pretrained(run_dir)
+    dataset = prepare_dataset(parse_config([], {"output_dir": str(tmp_path / "x"), "dataset": str(demo_dir /
+                              "train.jsonl"), "image_root": str(demo_dir), "max_length": 128}), processor)
+    ex, (image, _) = dataset.examples[dataset.row_of(0)], dataset.images(dataset.row_of(0))
+    with torch.no_grad():
+        want = plain_logps(adapted, processor, family_for(adapted.config), ex.prompt_text, ex.chosen_text,
+                           ex.prompt_ids, ex.chosen_ids, image, where="test")
+        with adapted.disable_adapter():
+            want_ref = plain_logps(adapted, processor, family_for(adapted.config), ex.prompt_text, ex.chosen_text,
+                                   ex.prompt_ids, ex.chosen_ids, image, where="test")
+    assert by_index[0]["logps"]["chosen"] == pytest.approx(want.item(), abs=1e-4)
+    assert by_index[0]["ref_logps"]["chosen"] == pytest.approx(want_ref.item(), abs=1e-4)
+    assert abs(want - want_ref) > 1e-3  # the adapters matter
+    assert cli.main(["eval", *common, "--output_dir", str(tmp_path / "base")]) == 0  # no adapters: policy = reference
+    base = json.loads((tmp_path / "base" / "eval_metrics.json").read_text())
+    assert base["rewards/chosen"] == 0 and base["rewards/margins"] == 0
