@@ -36,7 +36,7 @@ def prepare_dataset(args, processor, records: list[Record] | None = None, source
     hit = cache is not None and cache.exists()
     if hit:
         examples, problems = ExampleTable(cache), []
-        n_truncated = examples.n_truncated
+        n_good, n_truncated = len(examples), examples.n_truncated
     else:
         problems: list[str] = []
         if records is None:
@@ -65,7 +65,6 @@ def prepare_dataset(args, processor, records: list[Record] | None = None, source
             writer.discard()
         elif writer is not None:  # with bad records, not under the cache's name: they are checked again next run
             examples = writer.close(None if not problems else cache.with_suffix(".unchecked.arrow"))
-    n_good = len(examples) if hit else n_good
     logger.info("prepared %d records of %s (%d bad) in %.1f s%s", n_good + len(problems), source,
                 len(problems), time.perf_counter() - start, f" (cached: {cache})" if hit else "")
     if problems and not args.skip_bad_records:

@@ -17,13 +17,13 @@ def evaluate(args, adapter: str | None = None, per_example: str | None = None) -
     line per record with the policy's and the reference's log-probs. Without adapters the policy is the
     reference (all rewards 0)."""
     from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     from mdpo_fast.checkpoints import check_output_dir
     from mdpo_fast.data import prepare_dataset
     from mdpo_fast.families import family_for
-    from mdpo_fast.modeling import DTYPES, sequence_logps
-    from mdpo_fast.processors import load_processor
+    from mdpo_fast.modeling import load_pretrained, sequence_logps
+    from mdpo_fast.processors import load_processor, processor_home
     from mdpo_fast.trainer import MDPOTrainer
 
     if args.model_name_or_path is None:
@@ -32,12 +32,10 @@ def evaluate(args, adapter: str | None = None, per_example: str | None = None) -
         raise ValueError(f"--adapter {adapter} holds no LoRA adapters (adapter_config.json)")
     check_output_dir(args.output_dir)
     family = family_for(AutoConfig.from_pretrained(args.model_name_or_path))
-    has_processor = adapter is not None and any(
-        (Path(adapter) / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
-    processor = load_processor(adapter if has_processor else args.model_name_or_path, family)
+    base = args.model_name_or_path
+    processor = load_processor(base if adapter is None else processor_home(adapter, base), family)
     dataset = prepare_dataset(args, processor, family=family)
-    model = AutoModelForImageTextToText.from_pretrained(
-        args.model_name_or_path, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation)
+    model = load_pretrained(args)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     model.to(args.device).eval()

@@ -8,6 +8,7 @@ pickling the table for a spawned worker sends its path only.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import socket
@@ -96,14 +97,22 @@ class ExampleTable(Sequence):
         self._code = reader.schema.metadata[b"typecode"].decode()
         self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
         self.indices = np.concatenate([b.column("index").to_numpy() for b in self._batches])  # ascending
-        self.n_truncated = sum(b.column("truncated").to_numpy(zero_copy_only=False).sum() for b in self._batches)
-        self.n_same_answers = sum(pc.sum(pc.equal(b.column("chosen_text"), b.column("rejected_text"))).as_py() or 0
-                                  for b in self._batches)
         self._ids = [{name: (b.column(name).offsets.to_numpy(), b.column(name).values.to_numpy())
                       for name in _IDS} for b in self._batches]
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    # Counted when asked (by preparation's report), not at every open: each loader worker opens the table too.
+    @functools.cached_property
+    def n_truncated(self) -> int:
+        return int(sum(pc.sum(b.column("truncated")).as_py() or 0 for b in self._batches))
+
+    @functools.cached_property
+    def n_same_answers(self) -> int:
+        """Examples whose chosen and rejected answers render the same."""
+        return int(sum(pc.sum(pc.equal(b.column("chosen_text"), b.column("rejected_text"))).as_py() or 0
+                       for b in self._batches))
 
     def __getitem__(self, i):
         if isinstance(i, slice):

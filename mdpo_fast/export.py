@@ -19,7 +19,7 @@ def export_merged(checkpoint: str, out_dir: str, base: str | None = None, dtype:
 
     from mdpo_fast.families import family_for
     from mdpo_fast.modeling import DTYPES
-    from mdpo_fast.processors import load_processor
+    from mdpo_fast.processors import load_processor, processor_home
 
     source, out = Path(checkpoint), Path(out_dir)
     adapter_config = source / "adapter_config.json"
@@ -36,8 +36,7 @@ def export_merged(checkpoint: str, out_dir: str, base: str | None = None, dtype:
     family = family_for(AutoConfig.from_pretrained(base))
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=DTYPES[dtype])
     merged = PeftModel.from_pretrained(model, str(source)).merge_and_unload()
-    has_processor = any((source / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
-    processor = load_processor(str(source) if has_processor else base, family)
+    processor = load_processor(processor_home(checkpoint, base), family)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
     processor.save_pretrained(out)

@@ -54,14 +54,18 @@ def freeze_vision(model: nn.Module) -> None:
         p.requires_grad_(id(p) in trainable)
 
 
-def load_model(args) -> tuple[nn.Module, nn.Module | None]:
-    """`prepare_model` of the pretrained model `args.model_name_or_path` (`args`: an `MDPOConfig`)."""
+def load_pretrained(args) -> nn.Module:
+    """The pretrained model `args.model_name_or_path` in `args.model_dtype` with `args.attn_implementation`."""
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(
+    return AutoModelForImageTextToText.from_pretrained(
         args.model_name_or_path, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation
     )
-    return prepare_model(model, args)
+
+
+def load_model(args) -> tuple[nn.Module, nn.Module | None]:
+    """`prepare_model` of the pretrained model `args.model_name_or_path` (`args`: an `MDPOConfig`)."""
+    return prepare_model(load_pretrained(args), args)
 
 
 def prepare_model(model: nn.Module, args) -> tuple[nn.Module, nn.Module | None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from pathlib import Path
 
 
 @functools.cache
@@ -41,6 +42,12 @@ def _rebuild_image_only(cls: type, state: dict):
     processor = image_only(cls).__new__(image_only(cls))
     processor.__dict__.update(state)
     return processor
+
+
+def processor_home(checkpoint: str, base: str) -> str:
+    """Where a run's processor is: the checkpoint, which saves it, else (a checkpoint without one) the base model."""
+    saved = any((Path(checkpoint) / name).is_file() for name in ("processor_config.json", "preprocessor_config.json"))
+    return str(checkpoint) if saved else base
 
 
 def load_processor(path: str, family=None):
