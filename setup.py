@@ -22,6 +22,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "ruff", "hypothesis"],
         "flash-attn": ["flash-attn"],
+        "bench": ["matplotlib"],  # the benchmarks' plots
     },
     entry_points={"console_scripts": ["mdpo-fast=mdpo_fast.cli:main"]},
 )

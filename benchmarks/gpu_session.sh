@@ -23,7 +23,9 @@ if [[ " $STAGES " == *" kernels "* ]]; then
 fi
 if [[ " $STAGES " == *" steps "* ]]; then
   # mDPO with the time per phase (torch.profiler, device time), then plain DPO against TRL's DPO step
-  python3 -m benchmarks.step --model llava-1.5-7b --profile --results "$OUT" 2>&1 | tee "$OUT/step.log"
+  # unit_sdpa: packed rows attended unit by unit (the CPU default) against dense SDPA (the GPU default)
+  python3 -m benchmarks.step --model llava-1.5-7b --profile --providers published trl_dpo padded mdpo_fast unit_sdpa \
+    --results "$OUT" 2>&1 | tee "$OUT/step.log"
   python3 -m benchmarks.step --model llava-1.5-7b --loss_weights 1 0 0 --results "$OUT" 2>&1 | tee -a "$OUT/step.log"
   python3 -m benchmarks.step --model qwen2.5-vl-3b --profile --results "$OUT" 2>&1 | tee -a "$OUT/step.log"
 fi

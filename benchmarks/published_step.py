@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from mdpo_fast.collate import IGNORE_INDEX, pad_rows
+from mdpo_fast.collate import IGNORE_INDEX, BatchStats, pad_rows
 from mdpo_fast.families import family_for
 from mdpo_fast.loss import mdpo_loss
 from mdpo_fast.modeling import reference_context, unwrap
@@ -35,7 +35,7 @@ class PublishedCollator:
         tokens = sum(b["input_ids"].numel() for b in batch.values())
         real = int(sum(b["attention_mask"].sum() for b in batch.values()))
         images = sum(b["input_ids"].shape[0] for b in batch.values())  # each row encodes its image
-        batch["stats"] = torch.tensor([real, tokens - real, images])
+        batch["stats"] = BatchStats(real, tokens - real, images)
         return batch
 
 

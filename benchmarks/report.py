@@ -45,6 +45,11 @@ def _step_lines() -> list[str]:
         ratio = row.get("ratios", {}).get("mdpo_fast")
         ideal = (f" (token-count ideal {ratio['step_ideal']:.2f}x); one epoch with the reference precompute "
                  f"**{ratio['epoch']:.2f}x** (ideal {ratio['epoch_ideal']:.2f}x)") if ratio else ""
+        if "trl_dpo" in p:  # an mDPO step against the step users compare with, in the same run
+            ideal += f"; **{ratio['vs_trl_dpo_step']:.2f}x** TRL's DPO step ({p['trl_dpo']['examples_per_s']:.1f}/s)"
+        for name, label in (("dense_sdpa", "one dense SDPA mask per row"), ("unit_sdpa", "unit attention")):
+            if name in p:
+                ideal += f"; {label}: {p[name]['examples_per_s']:.1f}/s"
         lines.append(
             f"| one optimizer step, {model} model, batch {row['shape']['batch']}, "
             f"{'plain DPO' if plain else 'mDPO'}: mdpo-fast defaults vs {baseline} | `{command}` | {row['device']} | "
@@ -105,6 +110,16 @@ def table() -> str:
             f"`python -m benchmarks.data_scale --records {s['records']} --family {s['family']}` | {row['device']} | "
             f"{row['first_ms_per_record']:.1f} ms/record first, {row['cached_ms_per_record']:.3f} ms/record cached; "
             f"{_resident(row)}; {row['loader_examples_per_s']:.0f} examples/s ({row['num_workers']} loader worker) |")
+    for row in _latest(_rows("image_reliance.jsonl"), lambda r: r["bench"]):
+        last = {name: evals[-1] for name, evals in row["runs"].items()}
+        cells = "; ".join(
+            f"{name}: `rewards/accuracies` {e['eval_rewards/accuracies']:.2f}, `imageless_accuracies` "
+            f"{e['eval_rewards/imageless_accuracies']:.2f}, `image/swap_accuracy` {e['eval_image/swap_accuracy']:.2f}"
+            for name, e in last.items())
+        lines.append(
+            f"| image reliance, held out, after {row['shape']['steps']} steps of plain DPO and of mDPO from one start "
+            f"(cue set: the image decides, a text cue also separates) | `python -m benchmarks.image_reliance` | "
+            f"{row['device']} | {cells} (untrained: swap {last['DPO']['eval_ref_image/swap_accuracy']:.2f}) |")
     for row in _latest(_rows("demo.jsonl"), lambda r: r["bench"]):
         a = row["accuracies"]
         lines.append(f"| `mdpo-fast demo` ({row['shape']['steps']} steps, tiny model), wall time | "

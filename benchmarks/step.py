@@ -4,7 +4,9 @@
     python -m benchmarks.step --model llava-1.5-7b      # GPU: random weights in LLaVA-1.5-7B's shapes, bf16
     python -m benchmarks.step --model qwen2.5-vl-3b     # GPU: the same in Qwen2.5-VL-3B's shapes
 
-Providers, each in a fresh process: `published` (benchmarks/published_step.py), `padded` (mdpo-fast's
+Providers, each in a fresh process: `published` (benchmarks/published_step.py), `trl_dpo` (the same at
+loss weights 1 0 0: TRL's DPO step, the step users compare with; left out when the run is plain DPO,
+where `published` is that step), `padded` (mdpo-fast's
 plain path: 3B padded rows, live reference, fused loss) and `mdpo_fast` (the defaults: packed rows,
 shared prefix, each image encoded once, reference log-probs precomputed; the precompute pass is
 timed apart). Data: a synthetic length mix shaped like LLaVA-1.5 on RLAIF-V: 576 image tokens (256
@@ -28,11 +30,15 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "step.jsonl"
-PROVIDERS = ("published", "padded", "mdpo_fast")
+PROVIDERS = ("published", "trl_dpo", "padded", "mdpo_fast")
 LAYOUT = {
     "published": {"packing": False, "precompute_ref_logps": False},
+    "trl_dpo": {"packing": False, "precompute_ref_logps": False, "loss_weights": [1.0, 0.0, 0.0]},
     "padded": {"packing": False, "precompute_ref_logps": False},
     "mdpo_fast": {},
+    # on request: mdpo_fast with packed rows under one dense SDPA mask, or attended unit by unit (the CPU default)
+    "dense_sdpa": {},
+    "unit_sdpa": {},
 }
 
 
@@ -151,11 +157,17 @@ def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int
     records = length_mix_records(n, image_size=image_size, **lengths)
     dataset = prepare_dataset(args, processor, records=records, source="length mix")
     policy, reference = prepare_model(model, args)
-    cls = PublishedStepTrainer if provider == "published" else MDPOTrainer
+    if provider in ("dense_sdpa", "unit_sdpa"):
+        import mdpo_fast.trainer
+        from mdpo_fast.modeling import set_unit_attention
+
+        unit = provider == "unit_sdpa"
+        mdpo_fast.trainer.use_unit_attention = lambda model, device: unit and set_unit_attention(model) is None
+    cls = PublishedStepTrainer if provider in ("published", "trl_dpo") else MDPOTrainer
     trainer = cls(policy, args, dataset, processor, reference_model=reference)
     precompute_s = 0.0
     start = time.perf_counter()
-    if provider != "published":  # once per run (before the precompute, else at the first step): timed apart
+    if cls is MDPOTrainer:  # once per run (before the precompute, else at the first step): timed apart
         trainer.check_layout()
     check_s = time.perf_counter() - start
     if args.precompute_ref_logps:
@@ -179,8 +191,8 @@ def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int
     real_count = trainer._count
     passes = []  # model passes over token positions: policy forward + backward (2) and live reference forward (1)
     trainer._count = lambda stats, live_reference: (
-        tokens.append(int(stats[0] + stats[1]) * (2 if live_reference else 1)),
-        passes.append(int(stats[0] + stats[1]) * (3 if live_reference else 2)), real_count(stats, live_reference))
+        tokens.append((stats.tokens + stats.padding) * (2 if live_reference else 1)),
+        passes.append((stats.tokens + stats.padding) * (3 if live_reference else 2)), real_count(stats, live_reference))
     trainer.train()
     measured = sorted(times[warmup:])
     step_s = measured[len(measured) // 2]
@@ -240,6 +252,7 @@ def _ratios(rows: dict, batch_size: int, n: int) -> dict:
     """Each provider against the published step: measured examples/s ratio per step and over one epoch with the
     reference precompute, beside the token-count ideal (model passes over token positions) of each."""
     base = rows["published"]
+    trl = rows.get("trl_dpo", base)
     steps_per_epoch = n / batch_size
     out = {}
     for name, r in rows.items():
@@ -248,7 +261,8 @@ def _ratios(rows: dict, batch_size: int, n: int) -> dict:
         epoch_passes = r["passes_per_step"] + r["precompute_passes_per_example"] * batch_size
         out[name] = {"step": base["step_s_median"] / r["step_s_median"],
                      "step_ideal": base["passes_per_step"] / r["passes_per_step"],
-                     "epoch": base_epoch_s / epoch_s, "epoch_ideal": base["passes_per_step"] / epoch_passes}
+                     "epoch": base_epoch_s / epoch_s, "epoch_ideal": base["passes_per_step"] / epoch_passes,
+                     "vs_trl_dpo_step": trl["step_s_median"] / r["step_s_median"]}
     return out
 
 
@@ -276,7 +290,10 @@ def main() -> None:
     rows = {}
     scratch = tempfile.TemporaryDirectory()  # fresh: nothing cached (reference log-probs) from an earlier run
     args.out_dir = args.out_dir or scratch.name
+    plain_dpo = args.loss_weights == [1.0, 0.0, 0.0]
     for provider in args.providers:
+        if provider == "trl_dpo" and plain_dpo:
+            continue  # the published step is TRL's DPO step already
         cmd = [sys.executable, "-m", "benchmarks.step", "--child", provider, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch_size", str(args.batch_size), "--examples", str(args.examples),
                "--out_dir", args.out_dir, "--model", args.model, "--loss_weights", *map(str, args.loss_weights),
@@ -289,10 +306,11 @@ def main() -> None:
 
     ratios = _ratios(rows, args.batch_size, args.examples) if "published" in rows else {}
     print(f"{'provider':10s} {'step ms':>9s} {'examples/s':>11s} {'tokens/step':>12s} {'peak RSS MiB':>13s} "
-          f"{'precompute s':>13s} {'x step (ideal)':>15s} {'x epoch (ideal)':>16s}")
+          f"{'precompute s':>13s} {'x step (ideal)':>15s} {'x epoch (ideal)':>16s} {'x TRL DPO step':>15s}")
     for name, r in rows.items():
         x = ratios.get(name)
-        vs = f"{x['step']:6.2f} ({x['step_ideal']:.2f}) {x['epoch']:8.2f} ({x['epoch_ideal']:.2f})" if x else ""
+        vs = (f"{x['step']:6.2f} ({x['step_ideal']:.2f}) {x['epoch']:8.2f} ({x['epoch_ideal']:.2f}) "
+              f"{x['vs_trl_dpo_step']:15.2f}") if x else ""
         print(f"{name:10s} {1e3 * r['step_s_median']:9.1f} {r['examples_per_s']:11.1f} {r['tokens_per_step']:12.0f} "
               f"{r['peak_rss_mib']:13.0f} {r['precompute_s']:13.2f} {vs}")
     if args.profile:

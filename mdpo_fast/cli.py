@@ -37,6 +37,7 @@ DEMO_DEFAULTS = {
     "save_total_limit": 1,
     "max_length": 128,
     "use_cpu": True,
+    "eval_split": 0.1,  # held out, evaluated every logging_steps
 }
 
 
@@ -110,17 +111,31 @@ def run_training(args, model=None, processor=None, records=None, source=None):
         processor = load_processor(args.model_name_or_path, family)
     # Data first: a bad record stops the run before the model is loaded or a GPU is touched.
     dataset = prepare_dataset(args, processor, records=records, source=source, family=family)
+    eval_dataset = None
+    if args.eval_dataset:
+        eval_dataset = prepare_dataset(args, processor, family=family, path=args.eval_dataset,
+                                       split=args.eval_dataset_split)
+    elif args.eval_split:
+        from mdpo_fast.heldout import split_dataset
+
+        dataset, eval_dataset = split_dataset(dataset, args.eval_split, args.seed)
     if model is None:
         model, reference = load_model(args)
     else:
         model, reference = prepare_model(model, args)
     trainer = MDPOTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=processor, reference_model=reference
+        model=model, args=args, train_dataset=dataset, processing_class=processor, reference_model=reference,
+        eval_dataset=eval_dataset,
     )
     if args.precompute_ref_logps:
         from mdpo_fast.ref_cache import precompute_ref_logps
 
         dataset.ref_logps = precompute_ref_logps(trainer)
+        if eval_dataset is not None:
+            from mdpo_fast.evaluate import reference_swap
+
+            eval_dataset.ref_logps = precompute_ref_logps(trainer, eval_dataset)
+            reference_swap(trainer, eval_dataset)  # while a full fine-tuning run still holds its reference
         trainer.reference_model = None  # no longer needed: frees the full fine-tuning copy
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
@@ -154,6 +169,17 @@ def summary(log_history: list[dict], output_dir: str) -> str:
             continue
         start, end = f"{first[name]:8.4f} (step {first['step']})", f"{last[name]:8.4f} (step {last['step']})"
         lines.append(f"  {name:30s} {start} -> {end}")
+    evals = [entry for entry in log_history if "eval_loss" in entry]
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines.append("  held out:")
+        for name in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/imageless_accuracies"):
+            if name in last:
+                start, end = f"{first[name]:8.4f} (step {first['step']})", f"{last[name]:8.4f} (step {last['step']})"
+                lines.append(f"  {name:30s} {start} -> {end}")
+        if "eval_image/swap_accuracy" in last:  # the reference is the model before training
+            lines.append(f"  {'eval_image/swap_accuracy':30s} {last['eval_ref_image/swap_accuracy']:8.4f} (before)  "
+                         f"-> {last['eval_image/swap_accuracy']:8.4f} (step {last['step']})")
     lines.append(f"  outputs (adapters, processor, checkpoints, trainer_state.json) in {Path(output_dir).resolve()}")
     return "\n".join(lines)
 

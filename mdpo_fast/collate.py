@@ -7,6 +7,8 @@ layout is tested against.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mdpo_fast.loss import CORRUPTED, NUM_BRANCHES, REJECTED
@@ -19,6 +21,16 @@ LAYOUT_KEYS = frozenset({
     "target_ids", "segment_ids", "example_index", "stats", "ref_logps", "unit_ids", "roles", "groups",
     "text_inputs",
 })
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What a batch puts through the model, for the logs: token positions (real and padding) and images through
+    the vision tower. Plain ints, so reading them never waits for the device."""
+
+    tokens: int
+    padding: int
+    images: int
 
 
 def image_inputs(batch: dict) -> dict:
@@ -84,8 +96,7 @@ class PaddedCollator:
         batch = pad_rows(rows, images, self.pad_token_id, self.family, self.config)
         mask = batch["attention_mask"]
         batch["example_index"] = torch.tensor([item["example"].index for item in items])
-        # tokens, padding tokens, images through the vision tower: counters for the logs
-        batch["stats"] = torch.tensor([int(mask.sum()), int((mask == 0).sum()), len(images)])
+        batch["stats"] = BatchStats(int(mask.sum()), int((mask == 0).sum()), len(images))
         if "ref_logps" in items[0]:
             batch["ref_logps"] = torch.stack([item["ref_logps"] for item in items])
         return batch

@@ -23,15 +23,26 @@ class MDPOConfig(TrainingArguments):
     )
     attn_implementation: str = field(
         default="sdpa",
-        metadata={"help": "Attention backend: sdpa (dense masks; CPU and GPU), flex_attention (block-sparse masks, "
-                  "long packed rows at no extra cost; needs a GPU to train), flash_attention_2 (varlen; "
-                  "needs flash-attn and --prefix_sharing false) or eager."},
+        metadata={"help": "Attention backend: sdpa (packed rows unit by unit on CPU, dense masks on GPU), "
+                  "flex_attention (block-sparse masks, long packed rows at no extra cost; needs a GPU to train), "
+                  "flash_attention_2 (varlen; needs flash-attn and --prefix_sharing false) or eager."},
     )
     dataset: str | None = field(
         default=None, metadata={"help": "A .json / .jsonl file, a dataset saved with save_to_disk, or a hub id."}
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to train on (Hugging Face datasets)."})
     image_root: str | None = field(default=None, metadata={"help": "Directory that relative image paths are under."})
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "A held-out set to evaluate on, in any --dataset format (or use --eval_split)."}
+    )
+    eval_dataset_split: str = field(
+        default="test", metadata={"help": "Split of --eval_dataset (Hugging Face datasets)."}
+    )
+    eval_split: float = field(
+        default=0.0,
+        metadata={"help": "Hold out this fraction of the training records (seeded by --seed, disjoint from training) "
+                  "to evaluate on. With a held-out set, eval_strategy defaults to steps (every logging_steps)."},
+    )
     chat_template: str | None = field(
         default=None,
         metadata={"help": "A Jinja chat template, or a file holding one, replacing the processor's; needed only for "
@@ -94,7 +105,7 @@ class MDPOConfig(TrainingArguments):
     max_tokens_per_batch: int = field(
         default=8192,
         metadata={"help": "With packing, the most tokens in one row; a step needing more fills several rows. "
-                  "With dense attention masks (sdpa, eager) rows are as wide as costs least, weighing the "
+                  "With dense attention masks (sdpa on GPU, eager) rows are as wide as costs least, weighing the "
                   "padding of short rows against the masked-out attention work of long ones."},
     )
     precompute_ref_logps: bool = field(
@@ -120,6 +131,14 @@ class MDPOConfig(TrainingArguments):
         return num_branches(self.loss_weights, self.imageless_metrics)
 
     def __post_init__(self):
+        if self.eval_dataset and self.eval_split:
+            raise ValueError("give --eval_dataset or --eval_split, not both")
+        if self.eval_dataset and (self.eval_dataset, self.eval_dataset_split) == (self.dataset, self.dataset_split):
+            raise ValueError("--eval_dataset is the training set itself: give a held-out set, or --eval_split")
+        if not 0 <= self.eval_split < 1:
+            raise ValueError(f"eval_split must lie in [0, 1), got {self.eval_split}")
+        if (self.eval_dataset or self.eval_split) and self.eval_strategy in ("no", None):
+            self.eval_strategy = "steps"  # a held-out set is there to be evaluated
         super().__post_init__()
         self.loss_weights = list(check_loss_options(self.beta, self.loss_weights))
         for name in ("corruption_area", "corruption_ratio"):

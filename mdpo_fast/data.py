@@ -23,16 +23,19 @@ from mdpo_fast.records import DataError, Record, count_rows, hf_dataset, iter_re
 logger = logging.getLogger("mdpo_fast")
 
 
-def prepare_dataset(args, processor, records: list[Record] | None = None, source: str | None = None, family=None):
-    """Validate and tokenize `args.dataset` (or the given records) into a `PreferenceDataset`; `family`: the model's
-    family adapter (its image inputs and prompt format), the generic one if None.
+def prepare_dataset(args, processor, records: list[Record] | None = None, source: str | None = None, family=None,
+                    path: str | None = None, split: str | None = None):
+    """Validate and tokenize `args.dataset` (or `path`, its `split`; or the given records) into a
+    `PreferenceDataset`; `family`: the model's family adapter (its image inputs and prompt format), the generic
+    one if None.
 
     Raises `DataError` listing every bad record, unless `args.skip_bad_records`, which drops and counts them.
     """
-    source = source or str(args.dataset)
+    path, split = path or args.dataset, split or args.dataset_split
+    source = source or str(path)
     use_chat_template(processor, getattr(args, "chat_template", None), family)
     start = time.perf_counter()
-    cache = None if records is not None else cache_file(args, processor)
+    cache = None if records is not None else cache_file(args, processor, path, split)
     hit = cache is not None and cache.exists()
     if hit:
         examples, problems = ExampleTable(cache), []
@@ -40,11 +43,11 @@ def prepare_dataset(args, processor, records: list[Record] | None = None, source
     else:
         problems: list[str] = []
         if records is None:
-            if args.dataset is None:
+            if path is None:
                 raise DataError(["no dataset given: pass --dataset FILE_OR_DIR"])
             # a stream, read a window at a time; images are decoded once, below, by the pass that tokenizes
-            total = count_rows(args.dataset, args.dataset_split)
-            records = iter_records(args.dataset, problems, image_root=args.image_root, split=args.dataset_split)
+            total = count_rows(path, split)
+            records = iter_records(path, problems, image_root=args.image_root, split=split)
         else:
             total = len(records)
         if args.skip_bad_records:
@@ -119,17 +122,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MDPO_FAST_CACHE") or Path.home() / ".cache" / "mdpo_fast") / "prepared"
 
 
-def cache_file(args, processor) -> Path | None:
-    """Where the prepared examples of this configuration live, or None for data without files (records in
-    memory), which are not cached."""
-    source = _source_identity(args.dataset, args.dataset_split)
+def cache_file(args, processor, path: str | None = None, split: str | None = None) -> Path | None:
+    """Where the prepared examples of the set `path` (default `args.dataset`; its `split`) live under this
+    configuration, or None for data without files (records in memory), which are not cached."""
+    path, split = path or args.dataset, split or args.dataset_split
+    source = _source_identity(path, split)
     if source is None:
         return None
     tokenizer = processor.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     here = Path(__file__).parent
     key = json.dumps([
-        CACHE_VERSION, source, str(args.image_root), args.dataset_split, args.max_length, args.skip_bad_records,
+        CACHE_VERSION, source, str(args.image_root), split, args.max_length, args.skip_bad_records,
         processor.to_json_string(), processor.chat_template, backend.to_str() if backend else tokenizer.get_vocab(),
         [hashlib.sha256((here / name).read_bytes()).hexdigest() for name in _CODE],
     ], sort_keys=True, default=str)

@@ -5,10 +5,70 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from mdpo_fast.loss import BRANCH_NAMES, IMAGELESS_METRICS, mdpo_loss
+
+
+class SetLogps(NamedTuple):
+    """Summed answer log-probs of a set's examples: `indices [n]` (record indices), `policy` and `reference`
+    `[n, 3]` (chosen, rejected, corrupted; zeros for a branch not built)."""
+
+    indices: torch.Tensor
+    policy: torch.Tensor
+    reference: torch.Tensor
+
+
+def heldout_metrics(trainer, dataset, policy: bool = True) -> tuple[dict[str, float], SetLogps]:
+    """Over `dataset`: the loss and every training metric (the imageless ones where that branch is built), and the
+    image reliance of the policy (`image/swap_accuracy`, `image/swap_margin`) and of the reference (`ref_image/...`,
+    computed once per set), as docs/DESIGN.md defines them. Without `policy` the policy is the reference (a base
+    model alone). Returns the metrics and the set's log-probs."""
+    args = trainer.args
+    indices, mine, reference = trainer.branch_logps(dataset, args.num_branches, policy=policy)
+    mine = mine if policy else reference
+    loss, metrics = mdpo_loss(mine, reference, beta=args.beta, anchor=args.anchor, weights=args.loss_weights)
+    built = args.num_branches
+    result = {"loss": loss.item(), **{name: value.item() for name, value in metrics.items()
+                                      if built == len(BRANCH_NAMES) or name not in IMAGELESS_METRICS}}
+    swap, ref_metrics = reference_swap(trainer, dataset, SetLogps(indices, mine, reference))
+    if len(swap):
+        if policy:
+            swap_indices, swapped, _ = trainer.branch_logps(swap, 1, reference=False)
+            result.update(swap_metrics(indices, mine[:, 0], swap_indices, swapped[:, 0]))
+        else:
+            result.update({k[len("ref_"):]: v for k, v in ref_metrics.items()})
+        result.update(ref_metrics)
+    return result, SetLogps(indices, mine, reference)
+
+
+def reference_swap(trainer, dataset, logps: SetLogps | None = None) -> tuple:
+    """`(swap dataset, the reference's ref_image/... metrics)` of a held-out set, computed once per trainer and set
+    (the reference never changes); `logps`: the set's log-probs if at hand. Call it before a full fine-tuning
+    run lets its reference copy go."""
+    from mdpo_fast.heldout import SwapDataset
+
+    if id(dataset) not in trainer.image_swaps:  # the swap dataset holds the set: its id is not reused
+        swap = SwapDataset(dataset, trainer.args.seed)
+        metrics = {}
+        if len(swap):
+            if logps is None:
+                logps = trainer.branch_logps(dataset, 1, policy=False)
+            ref = trainer.branch_logps(swap, 1, policy=False)
+            metrics = swap_metrics(logps.indices, logps.reference[:, 0], ref.indices, ref.reference[:, 0])
+        trainer.image_swaps[id(dataset)] = swap, {f"ref_{k}": v for k, v in metrics.items()}
+    return trainer.image_swaps[id(dataset)]
+
+
+def swap_metrics(indices, own, swap_indices, swapped) -> dict[str, float]:
+    """`image/swap_accuracy`: the share of examples whose chosen answer is likelier with its own image than with the
+    swapped one; `image/swap_margin`: the mean log-prob difference. `own` [n] by example `indices`, `swapped` [k]
+    by `swap_indices`."""
+    row = {int(i): k for k, i in enumerate(indices.tolist())}
+    diff = own[[row[int(i)] for i in swap_indices.tolist()]] - swapped
+    return {"image/swap_accuracy": (diff > 0).float().mean().item(), "image/swap_margin": diff.mean().item()}
 
 
 def evaluate(args, adapter: str | None = None, per_example: str | None = None) -> dict[str, float]:
@@ -22,7 +82,7 @@ def evaluate(args, adapter: str | None = None, per_example: str | None = None) -
     from mdpo_fast.checkpoints import check_output_dir
     from mdpo_fast.data import prepare_dataset
     from mdpo_fast.families import family_for
-    from mdpo_fast.modeling import load_pretrained, sequence_logps
+    from mdpo_fast.modeling import load_pretrained
     from mdpo_fast.processors import load_processor, processor_home
     from mdpo_fast.trainer import MDPOTrainer
 
@@ -40,22 +100,9 @@ def evaluate(args, adapter: str | None = None, per_example: str | None = None) -
         model = PeftModel.from_pretrained(model, adapter)
     model.to(args.device).eval()
     trainer = MDPOTrainer(model, args, dataset, processor, reference_model=None if adapter else model)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.per_device_eval_batch_size,
-                                         collate_fn=trainer.data_collator, num_workers=args.dataloader_num_workers)
-    policy, reference, indices = [], [], []
-    with torch.no_grad():
-        for batch in loader:
-            batch = trainer._prepare_inputs(batch)
-            trainer.check_layout(batch, model)  # the first batch against the model's own forward, as in training
-            ref = trainer.reference_logps(batch)
-            policy.append(sequence_logps(model, *trainer.answer_tokens(model, batch)) if adapter else ref)
-            reference.append(ref)
-            indices.append(batch["example_index"])
-    policy, reference, indices = torch.cat(policy).cpu(), torch.cat(reference).cpu(), torch.cat(indices).tolist()
-    loss, metrics = mdpo_loss(policy, reference, beta=args.beta, anchor=args.anchor, weights=args.loss_weights)
+    trainer.check_layout(model=model)  # the first batch against the model's own forward, as in training
+    result, (indices, policy, reference) = heldout_metrics(trainer, dataset, policy=adapter is not None)
     built = args.num_branches
-    result = {"loss": loss.item(), **{name: value.item() for name, value in metrics.items()
-                                      if built == len(BRANCH_NAMES) or name not in IMAGELESS_METRICS}}
     result["examples"] = len(indices)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +110,7 @@ def evaluate(args, adapter: str | None = None, per_example: str | None = None) -
     if per_example is not None:
         names = BRANCH_NAMES[:built]
         with open(per_example, "w", encoding="utf-8") as f:
-            for index, mine, ref in zip(indices, policy[:, :built].tolist(), reference[:, :built].tolist(),
+            for index, mine, ref in zip(indices.tolist(), policy[:, :built].tolist(), reference[:, :built].tolist(),
                                         strict=True):
                 row = {"index": index, "logps": dict(zip(names, mine, strict=True)),
                        "ref_logps": dict(zip(names, ref, strict=True))}

@@ -60,7 +60,7 @@ def _answer_text(processor, prompt_messages, answer: str, prompt_text: str) -> s
 def tokenize_record(record: Record, processor, max_length: int) -> tuple[Example, bool]:
     """Returns the example and whether an answer was truncated to fit `max_length`."""
     # The token ids follow from the image's size alone: the processor sees a blank stand-in of that size.
-    stand_in = _blank(check_image(record.image))
+    stand_in = blank_image(check_image(record.image))
     prompt_text = processor.apply_chat_template(list(record.prompt), tokenize=False, add_generation_prompt=True)
     prompt_ids = processor(text=prompt_text, images=stand_in)["input_ids"][0]
     image_token_id = getattr(processor, "image_token_id", None)
@@ -82,7 +82,7 @@ def tokenize_record(record: Record, processor, max_length: int) -> tuple[Example
 
 
 @functools.lru_cache(maxsize=16)
-def _blank(size: tuple[int, int]) -> Image.Image:
+def blank_image(size: tuple[int, int]) -> Image.Image:
     return Image.new("RGB", size)
 
 
@@ -232,6 +232,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def subset(self, examples) -> PreferenceDataset:
+        """The same processing (family, corruption, branches) over other examples (`heldout.ExampleRows`)."""
+        return PreferenceDataset(examples, self.processor, self.family, seed=self.seed, area=self.area,
+                                 ratio=self.ratio, corrupted=self.corrupted)
 
     def row_of(self, index: int) -> int:
         """The dataset row of the example with record index `index`."""

@@ -68,11 +68,13 @@ class FusedLinearMDPOLoss(torch.autograd.Function):
         return *grads, None, None, None, None, None
 
 
-def _check_segments(segment_ids, n: int, num_examples: int | None) -> int:
+def _check_segments(segment_ids, n: int, num_examples: int | None, check_range: bool = True) -> int:
     if not isinstance(segment_ids, torch.Tensor) or segment_ids.dim() != 1 or segment_ids.is_floating_point():
         raise ValueError("segment_ids must be a 1-D integer tensor (3 * example + branch, -1 outside answers)")
     if segment_ids.shape[0] != n:
         raise ValueError(f"segment_ids has {segment_ids.shape[0]} entries but hidden has {n} rows")
+    if not check_range and num_examples is not None:
+        return num_examples
     low, high = (int(x) for x in segment_ids.aminmax()) if n else (-1, -1)
     if num_examples is None:
         if high < 0:
@@ -101,6 +103,7 @@ def fused_linear_mdpo_loss(
     bias: torch.Tensor | None = None,
     num_examples: int | None = None,
     softcap: float | None = None,
+    check_segment_range: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mDPO loss of DESIGN.md straight from hidden states, for all three branches of all examples at once.
 
@@ -115,6 +118,8 @@ def fused_linear_mdpo_loss(
             head (LoRA with adapters disabled): its log-probs come from the same launch, without gradient.
         num_examples: B when neither `ref_logps` gives it nor it should be read off `segment_ids`.
         softcap: the model's final logit soft-capping (`softcap * tanh(logits / softcap)`, Gemma 2), or None.
+        check_segment_range: read `segment_ids`' range on the host to refuse out-of-range ids (a device sync on
+            GPU); a caller whose ids are right by construction and that gives `num_examples` may skip it.
 
     Returns:
         `(loss, metrics)`: the 0-d loss, differentiable in `hidden`, `weight` and `bias`; metrics as in
@@ -141,7 +146,7 @@ def fused_linear_mdpo_loss(
         if ref_logps.shape[0] != num_examples:
             raise ValueError(f"ref_logps has {ref_logps.shape[0]} rows but num_examples is {num_examples}")
         ref_logps = ref_logps.detach().float()
-    num_examples = _check_segments(segment_ids, hidden.shape[0], num_examples)
+    num_examples = _check_segments(segment_ids, hidden.shape[0], num_examples, check_segment_range)
     opts = MDPOLossOptions(linear_ops(hidden.device), num_examples, beta, anchor, w_all, ignore_index, softcap)
     loss, metrics, policy_logps, ref_out = FusedLinearMDPOLoss.apply(
         hidden, weight, bias, labels, segment_ids, ref_logps, ref_hidden, opts

@@ -9,11 +9,12 @@ import inspect
 import torch
 from torch import nn
 
+from mdpo_fast import unit_attention
 from mdpo_fast.collate import IGNORE_INDEX, image_inputs
 from mdpo_fast.families.base import family_for
 from mdpo_fast.logprobs import linear_token_logprobs, segment_logps
 from mdpo_fast.loss import NUM_BRANCHES
-from mdpo_fast.packing import SECOND_ANSWER, attention_mask, block_mask
+from mdpo_fast.packing import SECOND_ANSWER, attention_mask, block_mask, unit_masks
 
 # An empty index: the model's own LM head computes logits for no position at all.
 _NO_LOGITS = torch.zeros(0, dtype=torch.long)
@@ -61,6 +62,21 @@ def load_pretrained(args) -> nn.Module:
     return AutoModelForImageTextToText.from_pretrained(
         args.model_name_or_path, dtype=DTYPES[args.model_dtype], attn_implementation=args.attn_implementation
     )
+
+
+def use_unit_attention(model: nn.Module, device: torch.device) -> bool:
+    """Packed rows with SDPA on CPU attend unit by unit (`set_unit_attention`); True if they will. On GPU dense
+    SDPA stays until measured against it there (`benchmarks/step.py`'s `unit_sdpa`)."""
+    if unwrap(model).config.get_text_config()._attn_implementation != "sdpa" or device.type != "cpu":
+        return False
+    set_unit_attention(model)
+    return True
+
+
+def set_unit_attention(model: nn.Module) -> None:
+    """The decoder's attention becomes the registered unit SDPA (`unit_attention`), which is SDPA itself for every
+    call without a packed batch's layout."""
+    unwrap(model).set_attn_implementation({"text_config": unit_attention.NAME})
 
 
 def load_model(args) -> tuple[nn.Module, nn.Module | None]:
@@ -200,15 +216,23 @@ def image_features(model: nn.Module, batch: dict):
 
 def packed_attention(model: nn.Module, batch: dict, dtype: torch.dtype):
     """The packed rows' attention mask in the form the decoder takes: one mask, or one per layer type where the
-    decoder mixes full and sliding-window layers. Dense `[R, 1, L, L]` (bool; additive for eager) or
-    FlexAttention block masks."""
+    decoder mixes full and sliding-window layers. Dense `[R, 1, L, L]` (bool; additive for eager), FlexAttention
+    block masks, or for unit attention placeholders. Returns `(mask, inputs)`, the decoder's further inputs
+    (unit attention's `unit_layout`)."""
     config = unwrap(model).config
     text = config.get_text_config()
     impl = text._attn_implementation
     layout = dict(units=batch["unit_ids"], roles=batch["roles"], positions=batch["position_ids"],
                   groups=batch.get("groups"), window_limits_groups=family_for(config).window_limits_groups)
 
+    units = None
+    if impl == unit_attention.NAME:
+        spans = unit_attention.unit_spans(batch["unit_ids"].tolist())
+        units = unit_attention.UnitLayout(*batch["unit_ids"].shape, spans)
+
     def build(window):
+        if units is not None:
+            return units.placeholder(unit_masks(units.spans, **layout, window=window), batch["unit_ids"].device)
         if impl == "flex_attention":
             return block_mask(**layout, window=window)
         mask = attention_mask(**layout, window=window)
@@ -219,10 +243,12 @@ def packed_attention(model: nn.Module, batch: dict, dtype: torch.dtype):
     layer_types = set(getattr(text, "layer_types", None) or ())
     if not layer_types:  # one kind for every layer: sliding wherever a window is set (Mistral)
         use_window = getattr(text, "use_sliding_window", True)
-        return build(getattr(text, "sliding_window", None) if use_window else None)
-    if "sliding_attention" not in layer_types:
-        return build(None)
-    return {kind: build(text.sliding_window if kind == "sliding_attention" else None) for kind in layer_types}
+        mask = build(getattr(text, "sliding_window", None) if use_window else None)
+    elif "sliding_attention" not in layer_types:
+        mask = build(None)
+    else:
+        mask = {kind: build(text.sliding_window if kind == "sliding_attention" else None) for kind in layer_types}
+    return mask, ({} if units is None else {"unit_layout": units})
 
 
 def packed_answer_tokens(model: nn.Module, batch: dict, features):
@@ -243,9 +269,9 @@ def packed_answer_tokens(model: nn.Module, batch: dict, features):
             positions = torch.cat([positions[None], rope.flatten(1)[:, None]])
         text_inputs = {k: v.flatten()[None] for k, v in batch["text_inputs"].items()}
     else:
-        mask = packed_attention(model, batch, base.get_input_embeddings().weight.dtype)
+        mask, attention_inputs = packed_attention(model, batch, base.get_input_embeddings().weight.dtype)
         positions = positions if rope is None else rope
-        text_inputs = batch["text_inputs"]
+        text_inputs = {**batch["text_inputs"], **attention_inputs}
     inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, **text_inputs}
     if features is not None:
         inputs["mm_encoder_outputs"] = {"image": features}

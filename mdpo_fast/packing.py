@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mdpo_fast.collate import concat_image_inputs
+from mdpo_fast.collate import BatchStats, concat_image_inputs
 from mdpo_fast.families.base import Family
 from mdpo_fast.loss import CHOSEN, CORRUPTED, NUM_BRANCHES, REJECTED
 
@@ -43,9 +43,11 @@ class _Row:
 
 
 def example_units(ex, prefix_sharing: bool, num_branches: int = NUM_BRANCHES) -> list[tuple]:
-    """`(prefix_ids, image ("image" | "corrupted_image"), [(answer_ids, branch), ...])` per unit; the
-    corrupted-image unit only with `num_branches` 3."""
-    if prefix_sharing:
+    """`(prefix_ids, image ("image" | "corrupted_image"), [(answer_ids, branch), ...])` per unit: chosen, then
+    rejected with `num_branches` >= 2 and the corrupted-image unit with 3."""
+    if num_branches == 1:
+        units = [(ex.prompt_ids, "image", [(ex.chosen_ids, CHOSEN)])]
+    elif prefix_sharing:
         units = [(ex.prompt_ids, "image", [(ex.chosen_ids, CHOSEN), (ex.rejected_ids, REJECTED)])]
     else:
         units = [(ex.prompt_ids, "image", [(ex.chosen_ids, CHOSEN)]),
@@ -105,6 +107,29 @@ def attention_mask(units: torch.Tensor, roles: torch.Tensor, **layout) -> torch.
     index = torch.arange(length, device=units.device)
     b = torch.arange(rows, device=units.device)[:, None, None]
     return mask_rule(units, roles, **layout)(b, None, index[None, :, None], index[None, None, :])[:, None]
+
+
+def unit_masks(spans: list[tuple[int, int, int]], units: torch.Tensor, roles: torch.Tensor,
+               positions: torch.Tensor | None = None, groups: torch.Tensor | None = None, window: int | None = None,
+               window_limits_groups: bool = False) -> list[torch.Tensor | None]:
+    """Per `(row, start, end)` span of one unit: `mask_rule` over the unit's own tokens as a `[1, 1, U, U]` bool
+    mask, or None where that is plain causal attention (no second answer, no bidirectional group, every pair of
+    its tokens within the window)."""
+    rule = mask_rule(units, roles, positions, groups, window, window_limits_groups)
+    masks = []
+    for r, start, end in spans:
+        special = (roles[r, start:end] == SECOND_ANSWER).any()
+        if groups is not None:
+            special |= (groups[r, start:end] >= 0).any()
+        if window is not None:
+            span_positions = positions[r, start:end]
+            special |= span_positions.max() - span_positions.min() >= window
+        if not special:
+            masks.append(None)
+            continue
+        index = torch.arange(start, end, device=units.device)
+        masks.append(rule(r, None, index[:, None], index[None, :])[None, None])
+    return masks
 
 
 def balance_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -235,7 +260,7 @@ class PackedCollator:
             "target_ids": torch.tensor(targets),
             "segment_ids": torch.tensor(segments),
             "example_index": torch.tensor([item["example"].index for item in items]),
-            "stats": torch.tensor([n_tokens, input_ids.numel() - n_tokens, len(placed)]),
+            "stats": BatchStats(n_tokens, input_ids.numel() - n_tokens, len(placed)),
             "text_inputs": self.family.text_inputs(input_ids, answer_mask, self.config),
             **(concat_image_inputs(placed) if placed else {}),
         }

@@ -56,32 +56,37 @@ class RefLogpStore:
         self.values.update(zip(indices.tolist(), logps.detach().float().cpu().unbind(), strict=True))
 
 
-def precompute_ref_logps(trainer) -> dict[int, torch.Tensor]:
-    """Fill the store for every training example missing from it; returns all values.
+def precompute_ref_logps(trainer, dataset=None) -> dict[int, torch.Tensor]:
+    """Fill the store for every example of `dataset` (default: the training set) missing from it; returns all
+    values.
 
     With several processes each computes an equal share, then all read the whole store.
     """
-    args, dataset = trainer.args, trainer.train_dataset
+    args = trainer.args
+    training = dataset is None
+    dataset = trainer.train_dataset if training else dataset
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
         raise ValueError("precompute_ref_logps runs before DeepSpeed / FSDP place the model: use "
                          "--precompute_ref_logps false there (the reference is then computed each step)")
     trainer.check_layout()  # nothing is cached from a layout that disagrees with the model's own forward
     directory = Path(args.output_dir) / "ref_logps" / fingerprint(args, dataset.examples)
     store = RefLogpStore(directory, args.process_index)
-    # In the first epoch's step order: with one process the reference sees the same rows as the policy will,
-    # so at step 1 (policy == reference) the rewards are exact zeros, as with a live reference.
-    order = list(trainer._get_train_sampler())
+    # In the first epoch's step order (a held-out set: in evaluation's order and batches): with one process the
+    # reference sees the same rows as the policy will, so at step 1 (policy == reference) the rewards are exact
+    # zeros, as with a live reference.
+    order = list(trainer._get_train_sampler()) if training else range(len(dataset))
     missing = [i for i in order if dataset.examples[i].index not in store.values][args.process_index::args.world_size]
     trainer.accelerator.wait_for_everyone()  # every process splits the same list before any writes a part
     if store.values:
         logger.info("reference log-probs: %d cached, %d to compute", len(store.values), len(missing))
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, missing), batch_size=args.per_device_train_batch_size,
+        torch.utils.data.Subset(dataset, missing),
+        batch_size=args.per_device_train_batch_size if training else args.per_device_eval_batch_size,
         collate_fn=trainer.data_collator, num_workers=args.dataloader_num_workers,
     )
     from tqdm.auto import tqdm
 
-    for batch in tqdm(loader, desc="reference log-probs", unit="batch",
+    for batch in tqdm(loader, desc="reference log-probs" + ("" if training else " (held out)"), unit="batch",
                       disable=not trainer.is_world_process_zero() or len(loader) < 8):
         batch = trainer._prepare_inputs(batch)
         store.add(batch["example_index"], trainer.reference_logps(batch))

@@ -13,7 +13,7 @@ import transformers.trainer as hf_trainer
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from mdpo_fast.collate import PaddedCollator
+from mdpo_fast.collate import BatchStats, PaddedCollator
 from mdpo_fast.families.base import family_for, image_token_id, packed_layout_refusal
 from mdpo_fast.fused_loss import fused_linear_mdpo_loss
 from mdpo_fast.layout_check import LayoutMismatchError, check_layout
@@ -27,6 +27,7 @@ from mdpo_fast.modeling import (
     reference_context,
     sequence_logps,
     unwrap,
+    use_unit_attention,
 )
 from mdpo_fast.packing import PackedCollator, packed_length, rows_too_long
 from mdpo_fast.records import DataError
@@ -64,14 +65,12 @@ class MDPOTrainer(Trainer):
         if args.num_branches == NUM_BRANCHES and not train_dataset.corrupted:
             raise ValueError("the training set was prepared without corrupted images, which this run's loss_weights "
                              "(or imageless_metrics) need: prepare it with the same configuration")
-        if "data_collator" not in kwargs and args.packing:
-            dense = config.get_text_config()._attn_implementation in ("sdpa", "eager")  # masked work still done
-            kwargs["data_collator"] = PackedCollator(
-                pad_id, image_token_id(config), args.max_tokens_per_batch, args.prefix_sharing,
-                dense_hidden_size=config.get_text_config().hidden_size if dense else None,
-                family=self.family, config=config, num_branches=args.num_branches,
-            )
-        kwargs.setdefault("data_collator", PaddedCollator(pad_id, self.family, config, args.num_branches))
+        if args.packing:
+            for m in (model, reference_model):
+                if m is not None:
+                    use_unit_attention(m, args.device)
+        self._layout = (pad_id, config)
+        kwargs.setdefault("data_collator", self.collator(args, args.num_branches))
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs
         )
@@ -79,8 +78,9 @@ class MDPOTrainer(Trainer):
             raise ValueError("packing runs the vision tower outside the model's forward (once per image), where FSDP "
                              "keeps them sharded: use --packing false with FSDP (or DDP / DeepSpeed with packing)")
         if args.packing:  # an example that cannot fit one row is refused before training, not at step N
-            problems = rows_too_long(train_dataset.examples, args.max_tokens_per_batch, args.prefix_sharing,
-                                     args.num_branches)
+            problems = [problem for data in (train_dataset, self.eval_dataset) if data is not None
+                        for problem in rows_too_long(data.examples, args.max_tokens_per_batch, args.prefix_sharing,
+                                                     args.num_branches)]
             if problems:
                 raise DataError(problems)
         self.reference_model = reference_model
@@ -89,6 +89,17 @@ class MDPOTrainer(Trainer):
         self.layout_checked = False
         self.loss_is_scaled_for_ga = False  # the loss is a per-example mean: Trainer divides by accumulation steps
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.image_swaps: dict[int, tuple] = {}  # per held-out set: its swap dataset and the reference's metrics
+
+    def collator(self, args, num_branches: int):
+        """The batch layout `args` chooses (packed or padded rows) for the first `num_branches` branches."""
+        pad_id, config = self._layout
+        if not args.packing:
+            return PaddedCollator(pad_id, self.family, config, num_branches)
+        dense = config.get_text_config()._attn_implementation in ("sdpa", "eager")  # masked work still done
+        return PackedCollator(pad_id, image_token_id(config), args.max_tokens_per_batch, args.prefix_sharing,
+                              dense_hidden_size=config.get_text_config().hidden_size if dense else None,
+                              family=self.family, config=config, num_branches=num_branches)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset or self.train_dataset
@@ -136,6 +147,50 @@ class MDPOTrainer(Trainer):
             return padded_answer_tokens(model, inputs)
         return packed_answer_tokens(model, inputs, image_features(model, inputs) if features is None else features)
 
+    def branch_logps(self, dataset, num_branches: int, policy: bool = True, reference: bool = True):
+        """`(indices [n], policy [n, 3], reference [n, 3])`: the summed answer log-probs of `dataset`'s examples (their
+        first `num_branches` branches, in this run's layout), gathered over processes. The policy's in eval mode
+        (zeros unless `policy`), the reference's from `dataset.ref_logps` when cached (zeros unless `reference`)."""
+        loader = self.accelerator.prepare(torch.utils.data.DataLoader(
+            dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.collator(self.args, num_branches),
+            num_workers=self.args.dataloader_num_workers))
+        model, parts = self.model, []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in loader:
+                    features = image_features(model, batch) if self.args.packing else None
+                    n = batch["example_index"].shape[0]
+                    mine = sequence_logps(model, *self.answer_tokens(model, batch, features)) if policy else None
+                    ref = batch.get("ref_logps")
+                    if ref is None and reference:
+                        ref = self.reference_logps(batch, features)
+                    zeros = torch.zeros(n, NUM_BRANCHES, device=batch["example_index"].device)
+                    parts.append((batch["example_index"], zeros if mine is None else mine.float(),
+                                  zeros if ref is None else ref.float()))
+        finally:
+            model.train(was_training)
+        from mdpo_fast.evaluate import SetLogps
+
+        indices, mine, ref = (torch.cat(column) for column in zip(*parts, strict=True))
+        return SetLogps(*(t.cpu() for t in self.accelerator.gather_for_metrics((indices, mine, ref))))
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The objective's metrics on the held-out set and the image reliance of the policy and of the reference
+        (`evaluate.heldout_metrics`), logged and returned with `metric_key_prefix`, as Trainer's own evaluation
+        does (so `eval_strategy`, `load_best_model_at_end` and `metric_for_best_model` work on them)."""
+        from mdpo_fast.evaluate import heldout_metrics
+
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if dataset is None:
+            raise ValueError("no held-out set: pass --eval_dataset or --eval_split")
+        self.check_layout()
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in heldout_metrics(self, dataset)[0].items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     def reference_logps(self, inputs, features=None) -> torch.Tensor:
         """`[B, 3]` reference log-probs of a batch (used to precompute, and live for full fine-tuning)."""
         with reference_context(self.model, self.reference_model):
@@ -159,7 +214,7 @@ class MDPOTrainer(Trainer):
         loss, metrics = fused_linear_mdpo_loss(
             hidden, weight, labels, segment_ids, ref_logps, ref_hidden=ref_hidden, bias=bias,
             num_examples=num_examples, beta=args.beta, anchor=args.anchor, weights=args.loss_weights,
-            softcap=logit_softcap(model),
+            softcap=logit_softcap(model), check_segment_range=False,  # the collators' ids, in range by construction
         )
         # One host sync per step, so a NaN never reaches the weights; every process stops together.
         bad = (~torch.isfinite(loss.detach())).float()
@@ -179,13 +234,14 @@ class MDPOTrainer(Trainer):
         self._count(inputs["stats"], live_reference="ref_logps" not in inputs)
         return (loss, metrics) if return_outputs else loss
 
-    def _count(self, stats: torch.Tensor, live_reference: bool) -> None:
-        tokens, padding, images = stats.tolist()
+    def _count(self, stats: BatchStats, live_reference: bool) -> None:
         forwards = 2 if live_reference else 1
-        self._metrics["tokens/model"].append(torch.tensor(float((tokens + padding) * forwards)))
-        self._metrics["tokens/padding_share"].append(torch.tensor(padding / (tokens + padding)))
+        positions = stats.tokens + stats.padding
+        self._metrics["tokens/model"].append(torch.tensor(float(positions * forwards)))
+        self._metrics["tokens/padding_share"].append(torch.tensor(stats.padding / positions))
         # packed: each distinct image once per step; padded: every row's image in every forward
-        self._metrics["images/encoded"].append(torch.tensor(float(images * (1 if self.args.packing else forwards))))
+        images = stats.images * (1 if self.args.packing else forwards)
+        self._metrics["images/encoded"].append(torch.tensor(float(images)))
 
     def _save_checkpoint(self, model, trial):
         """Trainer writes the checkpoint under a staging name; it becomes `checkpoint-N` in one rename once every

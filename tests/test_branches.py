@@ -39,8 +39,8 @@ def test_plain_dpo_builds_no_corrupted_branch_and_loses_nothing(tmp_path, packin
     full = _first_step(tmp_path / "full", loss_weights=[1, 0, 0], packing=packing, imageless_metrics=True)
     dataset, batch, loss, metrics, logged = plain
     assert "corrupted_image" not in dataset[0] and "corrupted_image" in full[0][0]
-    tokens, padding, images = batch["stats"].tolist()
-    full_tokens, _, full_images = full[1]["stats"].tolist()
+    tokens, images = batch["stats"].tokens, batch["stats"].images
+    full_tokens, full_images = full[1]["stats"].tokens, full[1]["stats"].images
     # packed: one image per example, not two; padded: two rows per example, not three
     assert (images, full_images) == ((6, 12) if packing else (12, 18))
     assert tokens < 0.8 * full_tokens

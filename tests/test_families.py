@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from mdpo_fast import unit_attention
 from mdpo_fast.cli import parse_config, run_training
 from mdpo_fast.data import prepare_dataset
 from mdpo_fast.demo_data import demo_records
@@ -90,9 +91,29 @@ def test_every_layout_equals_the_plain_forward(setup, tmp_path, layout):
     torch.testing.assert_close(ref_logps[:, :built], plain[False][:, :built], rtol=0, atol=TOLERANCE)
     assert (policy_logps[:, built:] == 0).all()
     if built == 2:  # no corrupted image encoded: one image per example packed, two rows per example padded
-        assert batch["stats"][2] == len(dataset) * (1 if trainer.args.packing else 2)
+        assert batch["stats"].images == len(dataset) * (1 if trainer.args.packing else 2)
     assert (policy_logps - ref_logps).abs().max() > 100 * TOLERANCE  # the adapters matter
     assert (plain[False][:, 0] - plain[False][:, 2]).abs().min() > 100 * TOLERANCE  # so does the image
+
+
+def test_unit_attention_equals_one_dense_mask(setup, tmp_path):
+    """On CPU, packed rows under SDPA attend unit by unit (rows as long as the budget allows): the same hidden states
+    as one dense SDPA mask over the same rows, for causal units, shared prefixes, bidirectional blocks and windows."""
+    name, policy, processor, dataset, _ = setup
+    text = policy.get_base_model().config.get_text_config()
+    trainer = MDPOTrainer(policy, _args(tmp_path), dataset, processor)
+    if not trainer.args.packing or registered()[name].tiny_attn_implementation != "sdpa":
+        pytest.skip(f"{name}: no packed SDPA")
+    assert text._attn_implementation == unit_attention.NAME and trainer.data_collator.dense_hidden_size is None
+    batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad(), reference_context(policy, None):
+        units = trainer.answer_tokens(policy, batch)[0]
+        try:
+            policy.get_base_model().set_attn_implementation({"text_config": "sdpa"})
+            dense = trainer.answer_tokens(policy, batch)[0]
+        finally:
+            policy.get_base_model().set_attn_implementation({"text_config": unit_attention.NAME})
+    torch.testing.assert_close(units, dense, rtol=0, atol=1e-5)
 
 
 FIXED_SIZE = {"llava", "gemma3", "paligemma", "paligemma2"}  # every image resized to one size

@@ -3,12 +3,13 @@
 import pytest
 import torch
 
+from mdpo_fast import unit_attention
 from mdpo_fast.cli import parse_config
 from mdpo_fast.data import prepare_dataset
 from mdpo_fast.demo_data import demo_records
 from mdpo_fast.examples import Example
 from mdpo_fast.modeling import prepare_model
-from mdpo_fast.packing import PackedCollator, attention_mask
+from mdpo_fast.packing import PackedCollator, attention_mask, unit_masks
 from mdpo_fast.ref_cache import RefLogpStore, precompute_ref_logps
 from mdpo_fast.tiny import build_tiny_model
 from mdpo_fast.trainer import MDPOTrainer
@@ -40,11 +41,46 @@ def test_shared_prefix_layout_by_hand():
     assert not mask[9:, :9].any() and mask[14, 9:].all()  # the corrupted unit sees only itself
 
 
+def test_unit_masks_are_the_dense_masks_blocks_and_none_where_causal():
+    """Unit attention's per-unit masks: exactly the dense mask's diagonal blocks, or None (SDPA's own causal
+    attention) where that block is plain causal; the padding at a row's end is one span."""
+    items = [_item(0, (5, IMG, IMG, 6), (10, 11), (20, 21, 22)), _item(1, (5, IMG, 6), (12,), (23,))]
+    batch = PackedCollator(0, IMG, 100)(items)
+    units, roles = batch["unit_ids"], batch["roles"]
+    ragged = torch.cat([units, torch.tensor([[-1, -2, -3]])], dim=1)  # padding: a unit per token
+    spans = unit_attention.unit_spans(ragged.tolist())
+    assert spans == [(0, 0, 9), (0, 9, 15), (0, 15, 20), (0, 20, 24), (0, 24, 27)]
+    spans = spans[:-1]
+    positions = batch["position_ids"]
+    groups = torch.full_like(units, -1)
+    groups[0, 21:23] = 0  # a bidirectional block inside the last unit
+    for layout, special in [({}, [0, 2]), ({"groups": groups}, [0, 2, 3]),
+                            ({"positions": positions, "window": 4}, [0, 1, 2])]:
+        masks = unit_masks(spans, units, roles, **layout)
+        dense = attention_mask(units, roles, **layout)[0, 0]
+        assert [i for i, m in enumerate(masks) if m is not None] == special, layout
+        for (_, start, end), mask in zip(spans, masks, strict=True):
+            block = dense[start:end, start:end]
+            want = torch.ones_like(block).tril() if mask is None else mask[0, 0]
+            assert torch.equal(block, want.bool()), (layout, start)
+
+
+def test_a_placeholder_mask_without_its_unit_layout_is_refused():
+    layout = unit_attention.UnitLayout(1, 4, [(0, 0, 4)])
+    placeholder = layout.placeholder([None], "cpu")
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(RuntimeError, match="without its unit layout"):
+        unit_attention.unit_sdpa(torch.nn.Module(), q, q, q, placeholder)
+    other = unit_attention.UnitLayout(1, 4, [(0, 0, 4)])
+    with pytest.raises(RuntimeError, match="not its layout's placeholder"):
+        unit_attention.unit_sdpa(torch.nn.Module(), q, q, q, placeholder, unit_layout=other)
+
+
 def test_units_fill_rows_and_pad_only_at_the_end():
     items = [_item(i, (1, IMG, 2), (3,) * (i + 1), (4, 4)) for i in range(4)]
     batch = PackedCollator(0, IMG, 12, prefix_sharing=False)(items)
     ids, mask = batch["input_ids"], attention_mask(batch["unit_ids"], batch["roles"])
-    tokens, padding, images = batch["stats"].tolist()
+    tokens, padding, images = batch["stats"].tokens, batch["stats"].padding, batch["stats"].images
     assert ids.shape[1] <= 12 and tokens + padding == ids.numel()
     # m twice and m' once per example (rows reorder units; the model tests check the placement)
     assert images == 12 and batch["pixel_values"][:, 0, 0, 0].sum() == 4

@@ -1,0 +1,114 @@
+"""Held-out examples: a seeded split of a prepared set, and the image swap that measures how much a model's answers
+depend on their image (`image/swap_accuracy`, docs/DESIGN.md "Image reliance")."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from array import array
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from mdpo_fast.examples import Example, PreferenceDataset, blank_image
+from mdpo_fast.records import load_image
+
+logger = logging.getLogger("mdpo_fast")
+
+
+class ExampleRows(Sequence):
+    """The examples at `rows` of a prepared sequence (a list or a memory-mapped `ExampleTable`), as a sequence."""
+
+    def __init__(self, examples: Sequence[Example], rows):
+        self.examples, self.rows = examples, np.asarray(rows, dtype=np.int64)
+        indices = getattr(examples, "indices", None)
+        indices = np.array([ex.index for ex in examples]) if indices is None else indices
+        self.indices = indices[self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.examples[int(self.rows[i])]
+
+
+def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(train rows, held-out rows)` of `n` examples: a seeded `fraction` held out (at least one, never all),
+    disjoint, each in ascending order."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"eval_split must lie in (0, 1), got {fraction}")
+    if n < 2:
+        raise ValueError(f"eval_split needs at least 2 examples, the set has {n}")
+    held = min(n - 1, max(1, round(n * fraction)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def split_dataset(dataset: PreferenceDataset, fraction: float, seed: int) -> tuple[PreferenceDataset, ...]:
+    """`(train, held out)` views of a prepared dataset (`split_rows`), with its processor and corruption."""
+    train, held = split_rows(len(dataset), fraction, seed)
+    return dataset.subset(ExampleRows(dataset.examples, train)), dataset.subset(ExampleRows(dataset.examples, held))
+
+
+def image_key(ref) -> str:
+    """The decoded pixels' digest: two references to one picture (a set often asks several questions of one
+    image) have one key."""
+    image = load_image(ref)
+    return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
+
+
+def swap_partners(keys: list[str], seed: int) -> list[int | None]:
+    """For each example the one whose image it is shown: a seeded derangement that pairs examples of different
+    images where it can. Examples are grouped by image in a seeded order and paired with the one half way round
+    the cycle, which lies in another group unless a group holds more than half the examples; such pairs (same
+    picture) get None and are left out of the metrics."""
+    n = len(keys)
+    if n < 2:
+        return [None] * n
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[int]] = {}
+    for i in rng.permutation(n):
+        groups.setdefault(keys[i], []).append(int(i))
+    cycle = [i for key in rng.permutation(sorted(groups)) for i in groups[key]]
+    half = n // 2
+    partners: list[int | None] = [None] * n
+    for k, i in enumerate(cycle):
+        j = cycle[(k + half) % n]
+        partners[i] = j if keys[j] != keys[i] else None
+    return partners
+
+
+class SwapDataset(torch.utils.data.Dataset):
+    """Each held-out example's chosen answer, its prompt shown another example's image (`swap_partners`): the prompt
+    is tokenized again for that image's size, as preparation tokenizes it, and the item carries that image's
+    inputs. Items are 1-branch examples (chosen only) with the original example's index."""
+
+    def __init__(self, dataset: PreferenceDataset, seed: int):
+        self.dataset = dataset
+        partners = swap_partners([image_key(ex.image) for ex in dataset.examples], seed)
+        self.pairs = [(i, j) for i, j in enumerate(partners) if j is not None]
+        if len(self.pairs) < len(partners):
+            logger.warning("image swap: %d of %d held-out examples share their picture with over half the set and "
+                           "are left out", len(partners) - len(self.pairs), len(partners))
+        self._prompts: dict[int, array] = {}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _prompt(self, k: int, ex: Example, image) -> array:
+        if k not in self._prompts:
+            ids = self.dataset.processor(text=ex.prompt_text, images=blank_image(image.size))["input_ids"][0]
+            self._prompts[k] = array(ex.prompt_ids.typecode, ids)
+        return self._prompts[k]
+
+    def __getitem__(self, k: int) -> dict:
+        i, j = self.pairs[k]
+        ex, other = self.dataset.examples[i], self.dataset.examples[j]
+        image = load_image(other.image)
+        swapped = Example(ex.index, other.image, self._prompt(k, ex, image), ex.chosen_ids,
+                          array(ex.chosen_ids.typecode), ex.prompt_text, ex.chosen_text)
+        data = self.dataset
+        return {"example": swapped, "image": data.family.image_inputs(data.processor, image, data.image_prompt)}
