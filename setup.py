@@ -9,8 +9,8 @@ setup(
     packages=find_packages(include=["mdpo_fast", "mdpo_fast.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
+        "torch>=2.11",  # 2.11: what GPU images carry; CI runs the pinned 2.13
+        "triton>=3.6; platform_system == 'Linux'",  # 3.6 (torch 2.11's) and the newest: both tested in CI
         "transformers>=5.0",
         "peft>=0.17",
         "accelerate>=1.15",  # its FSDP2 setup keeps the LM head unsharded between forward and backward

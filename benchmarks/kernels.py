@@ -27,7 +27,8 @@ import torch
 
 from benchmarks.record import result_row, write_result
 
-SHAPES = [(16384, 4096, 128256), (8192, 3584, 152064)]  # Llama-3-8B-like head, Qwen2-7B-like head
+# Llama-3-8B-like head, Qwen2-7B-like head, Gemma-3-4B-like head (V=262208: where full logits run out of memory)
+SHAPES = [(16384, 4096, 128256), (8192, 3584, 152064), (8192, 2560, 262208)]
 QUICK_SHAPES = [(512, 256, 8000)]
 SWEEP_N = [1024, 2048, 4096, 8192, 16384]
 RESULTS = Path(__file__).parent / "results"
@@ -59,12 +60,15 @@ def _inputs(n, h, v, dtype, device, seed=0):
 def setup_linear(n, h, v, dtype, device):
     """Providers: name -> (forward fn returning [N], leaves, upstream gradient, backend)."""
     from mdpo_fast import linear_token_logprobs
-    from mdpo_fast.naive import linear_token_logprobs_naive
+    from mdpo_fast.ops.naive import linear_token_logprobs_naive
 
     hidden, weight, labels = _inputs(n, h, v, dtype, device)
     grad = torch.randn(n, device=device)
     providers = {
         "mdpo_fast": (lambda: linear_token_logprobs(hidden, weight, labels), "triton"),
+        # no float atomics in the backward (bitwise-equal runs), at one more logit recompute
+        "mdpo_fast_deterministic": (lambda: linear_token_logprobs(hidden, weight, labels, deterministic=True),
+                                    "triton"),
         "mdpo_fast_torch": (lambda: linear_token_logprobs(hidden, weight, labels), "torch"),
         "torch": (lambda: linear_token_logprobs_naive(hidden, weight, labels), None),
     }
@@ -82,7 +86,7 @@ def setup_linear(n, h, v, dtype, device):
 
 def setup_logits(n, h, v, dtype, device):
     from mdpo_fast import token_logprobs
-    from mdpo_fast.naive import token_logprobs_naive
+    from mdpo_fast.ops.naive import token_logprobs_naive
 
     g = torch.Generator(device=device).manual_seed(0)
     logits = (3 * torch.randn(n, v, device=device, dtype=dtype, generator=g)).requires_grad_(True)
@@ -97,7 +101,7 @@ def setup_logits(n, h, v, dtype, device):
 
 def setup_mdpo(n, h, v, dtype, device):
     from mdpo_fast import fused_linear_mdpo_loss, mdpo_loss, segment_logps
-    from mdpo_fast.naive import linear_token_logprobs_naive
+    from mdpo_fast.ops.naive import linear_token_logprobs_naive
 
     hidden, weight, labels = _inputs(n, h, v, dtype, device)
     b = max(1, 3 * n // 1000 // 3)

@@ -32,8 +32,8 @@ def _child(impl: str, n: int, h: int, v: int, dtype: str) -> None:
 
     import torch
 
-    from mdpo_fast.logprobs import linear_token_logprobs
-    from mdpo_fast.naive import linear_token_logprobs_naive
+    from mdpo_fast.ops.logprobs import linear_token_logprobs
+    from mdpo_fast.ops.naive import linear_token_logprobs_naive
 
     torch.manual_seed(0)
     dt = getattr(torch, dtype)

@@ -13,8 +13,8 @@ import torch
 
 from mdpo_fast.collate import IGNORE_INDEX, BatchStats, pad_rows
 from mdpo_fast.families import family_for
-from mdpo_fast.loss import mdpo_loss
 from mdpo_fast.modeling import reference_context, unwrap
+from mdpo_fast.ops.loss import mdpo_loss
 from mdpo_fast.trainer import MDPOTrainer
 
 

@@ -1,9 +1,9 @@
 """mdpo-fast: mDPO preference training for vision-language models, with a fused log-prob loss."""
 
-from mdpo_fast.fused_loss import fused_linear_mdpo_loss
-from mdpo_fast.logprobs import linear_token_logprobs, segment_logps, token_logprobs
-from mdpo_fast.loss import METRIC_NAMES, mdpo_loss
-from mdpo_fast.module import MDPOLoss
+from mdpo_fast.ops.fused_loss import fused_linear_mdpo_loss
+from mdpo_fast.ops.logprobs import linear_token_logprobs, segment_logps, token_logprobs
+from mdpo_fast.ops.loss import METRIC_NAMES, mdpo_loss
+from mdpo_fast.ops.module import MDPOLoss
 
 __all__ = [
     "METRIC_NAMES",

@@ -132,7 +132,7 @@ def run_training(args, model=None, processor=None, records=None, source=None):
 
         dataset.ref_logps = precompute_ref_logps(trainer)
         if eval_dataset is not None:
-            from mdpo_fast.evaluate import reference_swap
+            from mdpo_fast.heldout import reference_swap
 
             eval_dataset.ref_logps = precompute_ref_logps(trainer, eval_dataset)
             reference_swap(trainer, eval_dataset)  # while a full fine-tuning run still holds its reference

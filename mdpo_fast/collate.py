@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mdpo_fast.loss import CORRUPTED, NUM_BRANCHES, REJECTED
+from mdpo_fast.ops.loss import CORRUPTED, NUM_BRANCHES, REJECTED
 
 IGNORE_INDEX = -100
 # Batch entries that describe the layout; every other entry goes to the model as it is (pixel_values,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from mdpo_fast.corruption import AREA, RATIO
-from mdpo_fast.loss import check_loss_options, num_branches
+from mdpo_fast.ops.loss import check_loss_options, num_branches
 
 
 @dataclass

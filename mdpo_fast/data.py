@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mdpo_fast.example_table import ExampleTable, TableWriter
 from mdpo_fast.examples import PreferenceDataset, build_examples
-from mdpo_fast.loss import NUM_BRANCHES
+from mdpo_fast.ops.loss import NUM_BRANCHES
 from mdpo_fast.records import DataError, Record, count_rows, hf_dataset, iter_records
 
 logger = logging.getLogger("mdpo_fast")

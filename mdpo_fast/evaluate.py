@@ -5,70 +5,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple
 
-import torch
-
-from mdpo_fast.loss import BRANCH_NAMES, IMAGELESS_METRICS, mdpo_loss
-
-
-class SetLogps(NamedTuple):
-    """Summed answer log-probs of a set's examples: `indices [n]` (record indices), `policy` and `reference`
-    `[n, 3]` (chosen, rejected, corrupted; zeros for a branch not built)."""
-
-    indices: torch.Tensor
-    policy: torch.Tensor
-    reference: torch.Tensor
-
-
-def heldout_metrics(trainer, dataset, policy: bool = True) -> tuple[dict[str, float], SetLogps]:
-    """Over `dataset`: the loss and every training metric (the imageless ones where that branch is built), and the
-    image reliance of the policy (`image/swap_accuracy`, `image/swap_margin`) and of the reference (`ref_image/...`,
-    computed once per set), as docs/DESIGN.md defines them. Without `policy` the policy is the reference (a base
-    model alone). Returns the metrics and the set's log-probs."""
-    args = trainer.args
-    indices, mine, reference = trainer.branch_logps(dataset, args.num_branches, policy=policy)
-    mine = mine if policy else reference
-    loss, metrics = mdpo_loss(mine, reference, beta=args.beta, anchor=args.anchor, weights=args.loss_weights)
-    built = args.num_branches
-    result = {"loss": loss.item(), **{name: value.item() for name, value in metrics.items()
-                                      if built == len(BRANCH_NAMES) or name not in IMAGELESS_METRICS}}
-    swap, ref_metrics = reference_swap(trainer, dataset, SetLogps(indices, mine, reference))
-    if len(swap):
-        if policy:
-            swap_indices, swapped, _ = trainer.branch_logps(swap, 1, reference=False)
-            result.update(swap_metrics(indices, mine[:, 0], swap_indices, swapped[:, 0]))
-        else:
-            result.update({k[len("ref_"):]: v for k, v in ref_metrics.items()})
-        result.update(ref_metrics)
-    return result, SetLogps(indices, mine, reference)
-
-
-def reference_swap(trainer, dataset, logps: SetLogps | None = None) -> tuple:
-    """`(swap dataset, the reference's ref_image/... metrics)` of a held-out set, computed once per trainer and set
-    (the reference never changes); `logps`: the set's log-probs if at hand. Call it before a full fine-tuning
-    run lets its reference copy go."""
-    from mdpo_fast.heldout import SwapDataset
-
-    if id(dataset) not in trainer.image_swaps:  # the swap dataset holds the set: its id is not reused
-        swap = SwapDataset(dataset, trainer.args.seed)
-        metrics = {}
-        if len(swap):
-            if logps is None:
-                logps = trainer.branch_logps(dataset, 1, policy=False)
-            ref = trainer.branch_logps(swap, 1, policy=False)
-            metrics = swap_metrics(logps.indices, logps.reference[:, 0], ref.indices, ref.reference[:, 0])
-        trainer.image_swaps[id(dataset)] = swap, {f"ref_{k}": v for k, v in metrics.items()}
-    return trainer.image_swaps[id(dataset)]
-
-
-def swap_metrics(indices, own, swap_indices, swapped) -> dict[str, float]:
-    """`image/swap_accuracy`: the share of examples whose chosen answer is likelier with its own image than with the
-    swapped one; `image/swap_margin`: the mean log-prob difference. `own` [n] by example `indices`, `swapped` [k]
-    by `swap_indices`."""
-    row = {int(i): k for k, i in enumerate(indices.tolist())}
-    diff = own[[row[int(i)] for i in swap_indices.tolist()]] - swapped
-    return {"image/swap_accuracy": (diff > 0).float().mean().item(), "image/swap_margin": diff.mean().item()}
+from mdpo_fast.heldout import heldout_metrics
+from mdpo_fast.ops.loss import BRANCH_NAMES
 
 
 def evaluate(args, adapter: str | None = None, per_example: str | None = None) -> dict[str, float]:

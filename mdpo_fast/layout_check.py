@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from mdpo_fast.loss import BRANCH_NAMES
+from mdpo_fast.ops.loss import BRANCH_NAMES
 
 logger = logging.getLogger("mdpo_fast")
 

@@ -12,8 +12,8 @@ from torch import nn
 from mdpo_fast import unit_attention
 from mdpo_fast.collate import IGNORE_INDEX, image_inputs
 from mdpo_fast.families.base import family_for
-from mdpo_fast.logprobs import linear_token_logprobs, segment_logps
-from mdpo_fast.loss import NUM_BRANCHES
+from mdpo_fast.ops.logprobs import linear_token_logprobs, segment_logps
+from mdpo_fast.ops.loss import NUM_BRANCHES
 from mdpo_fast.packing import SECOND_ANSWER, attention_mask, block_mask, unit_masks
 
 # An empty index: the model's own LM head computes logits for no position at all.

@@ -27,7 +27,7 @@ import torch
 
 from mdpo_fast.collate import BatchStats, concat_image_inputs
 from mdpo_fast.families.base import Family
-from mdpo_fast.loss import CHOSEN, CORRUPTED, NUM_BRANCHES, REJECTED
+from mdpo_fast.ops.loss import CHOSEN, CORRUPTED, NUM_BRANCHES, REJECTED
 
 # Role of a token inside its unit, for the one attention rule beyond causality.
 PREFIX, FIRST_ANSWER, SECOND_ANSWER = 0, 1, 2

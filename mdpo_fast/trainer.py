@@ -15,9 +15,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from mdpo_fast.collate import BatchStats, PaddedCollator
 from mdpo_fast.families.base import family_for, image_token_id, packed_layout_refusal
-from mdpo_fast.fused_loss import fused_linear_mdpo_loss
+from mdpo_fast.heldout import SetLogps, heldout_metrics
 from mdpo_fast.layout_check import LayoutMismatchError, check_layout
-from mdpo_fast.loss import IMAGELESS_METRICS, METRIC_NAMES, NUM_BRANCHES
 from mdpo_fast.modeling import (
     image_features,
     lm_head,
@@ -29,6 +28,8 @@ from mdpo_fast.modeling import (
     unwrap,
     use_unit_attention,
 )
+from mdpo_fast.ops.fused_loss import fused_linear_mdpo_loss
+from mdpo_fast.ops.loss import IMAGELESS_METRICS, METRIC_NAMES, NUM_BRANCHES
 from mdpo_fast.packing import PackedCollator, packed_length, rows_too_long
 from mdpo_fast.records import DataError
 from mdpo_fast.sampler import LengthGroupedSampler
@@ -171,8 +172,6 @@ class MDPOTrainer(Trainer):
                                   zeros if ref is None else ref.float()))
         finally:
             model.train(was_training)
-        from mdpo_fast.evaluate import SetLogps
-
         indices, mine, ref = (torch.cat(column) for column in zip(*parts, strict=True))
         return SetLogps(*(t.cpu() for t in self.accelerator.gather_for_metrics((indices, mine, ref))))
 
@@ -180,8 +179,6 @@ class MDPOTrainer(Trainer):
         """The objective's metrics on the held-out set and the image reliance of the policy and of the reference
         (`evaluate.heldout_metrics`), logged and returned with `metric_key_prefix`, as Trainer's own evaluation
         does (so `eval_strategy`, `load_best_model_at_end` and `metric_for_best_model` work on them)."""
-        from mdpo_fast.evaluate import heldout_metrics
-
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if dataset is None:
             raise ValueError("no held-out set: pass --eval_dataset or --eval_split")

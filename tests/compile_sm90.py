@@ -17,9 +17,9 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from mdpo_fast.kernels import linear_logprobs as lin
-from mdpo_fast.kernels import logits_logprobs as lgt
-from mdpo_fast.kernels.config import LINEAR_BWD, LINEAR_FWD, LOGITS_BWD, LOGITS_FWD, for_dtype
+from mdpo_fast.ops.kernels import linear_logprobs as lin
+from mdpo_fast.ops.kernels import logits_logprobs as lgt
+from mdpo_fast.ops.kernels.config import LINEAR_BWD, LINEAR_FWD, LOGITS_BWD, LOGITS_FWD, for_dtype
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 227 * 1024
@@ -71,6 +71,12 @@ def linear_variants():
                 yield (f"linear_bwd-{dtype}-{variant}-{need}", lin._linear_logprobs_bwd_kernel,
                        types, {**base, **flags, **nones, "BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v,
                                "BLOCK_H": cfg.block_h, "GROUP_N": cfg.group_n}, cfg)
+            tiles = {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_H": cfg.block_h}
+            yield (f"linear_bwd_deterministic_hidden-{dtype}-{variant}", lin._linear_logprobs_bwd_hidden_kernel,
+                   types, {**base, **tiles}, cfg)
+            weight_flags = {"HAS_DW": True, "HAS_DB": bias, **({} if bias else {"grad_bias_ptr": None})}
+            yield (f"linear_bwd_deterministic_weight-{dtype}-{variant}", lin._linear_logprobs_bwd_weight_kernel,
+                   types, {**base, **weight_flags, **tiles}, cfg)
 
 
 def logits_variants():

@@ -17,9 +17,9 @@ from mdpo_fast.cli import parse_config
 from mdpo_fast.collate import PaddedCollator
 from mdpo_fast.data import prepare_dataset
 from mdpo_fast.demo_data import demo_records
-from mdpo_fast.fused_loss import fused_linear_mdpo_loss
-from mdpo_fast.logprobs import linear_token_logprobs
 from mdpo_fast.modeling import lm_head, padded_answer_tokens
+from mdpo_fast.ops.fused_loss import fused_linear_mdpo_loss
+from mdpo_fast.ops.logprobs import linear_token_logprobs
 from mdpo_fast.tiny import build_tiny_model
 
 H, V, N = 8, 20, 5

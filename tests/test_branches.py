@@ -7,8 +7,8 @@ import torch
 from mdpo_fast.cli import parse_config
 from mdpo_fast.data import prepare_dataset
 from mdpo_fast.demo_data import demo_records
-from mdpo_fast.loss import IMAGELESS_METRICS, METRIC_NAMES
 from mdpo_fast.modeling import prepare_model
+from mdpo_fast.ops.loss import IMAGELESS_METRICS, METRIC_NAMES
 from mdpo_fast.ref_cache import fingerprint
 from mdpo_fast.tiny import build_tiny_model
 from mdpo_fast.trainer import MDPOTrainer

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mdpo_fast import MDPOLoss, fused_linear_mdpo_loss
-from mdpo_fast.naive import linear_token_logprobs_naive
+from mdpo_fast.ops.naive import linear_token_logprobs_naive
 
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 5e-3}
 BACKENDS = ["torch", "triton"]

@@ -10,18 +10,18 @@ import pytest
 import torch
 import triton
 
-from mdpo_fast.backend import valid_rows
-from mdpo_fast.kernels import linear_logprobs as lin
-from mdpo_fast.kernels import logits_logprobs as lgt
-from mdpo_fast.kernels.config import (
+from mdpo_fast.ops.kernels import linear_logprobs as lin
+from mdpo_fast.ops.kernels import logits_logprobs as lgt
+from mdpo_fast.ops.kernels.config import (
     LINEAR_BWD,
     LINEAR_BWD_INTERPRET,
     LINEAR_FWD,
     LINEAR_FWD_INTERPRET,
     vocab_splits,
 )
-from mdpo_fast.logprobs import linear_token_logprobs, token_logprobs
-from mdpo_fast.naive import linear_token_logprobs_naive, token_logprobs_naive
+from mdpo_fast.ops.logprobs import linear_token_logprobs, token_logprobs
+from mdpo_fast.ops.naive import linear_token_logprobs_naive, token_logprobs_naive
+from mdpo_fast.ops.rows import valid_rows
 
 # The kernel's max error against fp64 may be FACTOR x PyTorch's own error at the same dtype, plus ATOL.
 FACTOR = 2.0
@@ -344,3 +344,103 @@ class TestOnGPU:
         same = _run_logits(token_logprobs_naive, logits, labels, grad, case)
         exact = _run_logits(token_logprobs_naive, logits, labels, grad, case, torch.float64)
         _assert_no_worse(ours, same, exact, case.dtype)
+
+
+def test_an_interpreter_that_cannot_run_with_this_numpy_says_so(monkeypatch):
+    """Triton 3.6's interpreter fails mid-launch with numpy >= 2.4 (a numpy TypeError): one clear line instead."""
+    import numpy as np
+
+    from mdpo_fast.ops.kernels import config
+
+    for triton_version, numpy_version, fails in [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False),
+                                                 ("3.9.0", "2.4.6", False)]:
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(np, "__version__", numpy_version)
+        config.check_interpreter.cache_clear()
+        if fails:
+            with pytest.raises(RuntimeError, match="cannot run with numpy 2.4.6: install numpy<2.4"):
+                config.check_interpreter()
+        else:
+            config.check_interpreter()
+    config.check_interpreter.cache_clear()
+
+
+# The vocabularies users train with: LLaVA-1.5 (Llama 2 + image token), Llama 3, Qwen2-VL / Qwen2.5-VL-7B and
+# Qwen2.5-VL-3B / Qwen3-VL, Gemma 3. None is a multiple of the vocab block, so the ragged last block is masked.
+REAL_VOCABS = (32064, 128256, 151936, 152064, 262208)
+
+
+@pytest.mark.parametrize("v", REAL_VOCABS)
+def test_linear_at_real_vocabulary_sizes(v, monkeypatch):
+    """A handful of rows, a small hidden size, the whole vocabulary: labels at its ragged end and its start, an
+    ignored row; forward and backward against fp64 full logits, with a random upstream gradient."""
+    from mdpo_fast.ops.kernels import config
+
+    for name in ("LINEAR_FWD_INTERPRET", "LINEAR_BWD_INTERPRET"):  # the interpreter's time is per program
+        monkeypatch.setattr(config, name, replace(getattr(config, name), block_v=1024))
+    case = Case(5, 16, v)
+    hidden, weight, _, _, grad = _linear_inputs(case)
+    labels = torch.tensor([v - 1, 0, -100, v - 2, v // 2])
+    weight[v - 1] += hidden[0]  # the last entry is the likeliest token of row 0: the masking must not drop it
+    ours = _run_linear(triton_linear, hidden, weight, None, labels, grad, case)
+    exact = _run_linear(linear_token_logprobs_naive, hidden, weight, None, labels, grad, case, torch.float64)
+    same = _run_linear(linear_token_logprobs_naive, hidden, weight, None, labels, grad, case)
+    assert ours["logps"][2] == 0 and (ours["d_hidden"][2] == 0).all()
+    assert ours["d_weight"][v - 1].abs().sum() > 0  # the ragged last row of the head gets its gradient
+    _assert_no_worse(ours, same, exact, torch.float32)
+
+
+class _Refused:
+    """A kernel that must not launch."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} launched")
+
+
+def triton_linear_deterministic(hidden, weight, labels, ignore_index=-100, bias=None, softcap=None):
+    return linear_token_logprobs(hidden, weight, labels, ignore_index, bias, softcap, deterministic=True)
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES)
+def test_deterministic_backward_matches_reference(case, monkeypatch):
+    """No float atomics (the atomic kernel refused): each gradient entry is summed by one program in a fixed order."""
+    monkeypatch.setattr(lin, "_linear_logprobs_bwd_kernel", _Refused("the atomic backward"))
+    hidden, weight, bias, labels, grad = _linear_inputs(case)
+    ours = _run_linear(triton_linear_deterministic, hidden, weight, bias, labels, grad, case)
+    same = _run_linear(linear_token_logprobs_naive, hidden, weight, bias, labels, grad, case)
+    exact = _run_linear(linear_token_logprobs_naive, hidden, weight, bias, labels, grad, case, torch.float64)
+    for name, x in (("d_hidden", hidden), ("d_weight", weight), ("d_bias", bias)):
+        if x is not None:
+            assert ours[name].dtype == x.dtype and ours[name].shape == x.shape, name
+    assert (ours["d_hidden"][labels == case.ignore_index] == 0).all()
+    _assert_no_worse(ours, same, exact, case.dtype)
+
+
+def test_deterministic_mode_follows_torch_and_reaches_the_fused_loss(monkeypatch):
+    """`torch.use_deterministic_algorithms(True)` (what --full_determinism sets) picks the deterministic kernels for
+    the log-probs and the fused loss; otherwise the atomic one runs."""
+    from mdpo_fast.ops import fused_linear_mdpo_loss
+
+    case = Case(19, 24, 130)
+    hidden, weight, _, labels, grad = _linear_inputs(case)
+    segments = torch.arange(case.n) % 6
+    atomic, hidden_kernel = lin._linear_logprobs_bwd_kernel, lin._linear_logprobs_bwd_hidden_kernel
+    for deterministic in (True, False):
+        if deterministic:
+            monkeypatch.setattr(lin, "_linear_logprobs_bwd_kernel", _Refused("the atomic backward"))
+        else:
+            monkeypatch.setattr(lin, "_linear_logprobs_bwd_kernel", atomic)
+            monkeypatch.setattr(lin, "_linear_logprobs_bwd_hidden_kernel", _Refused("the deterministic backward"))
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            _run_linear(triton_linear, hidden, weight, None, labels, grad, case)
+            h = hidden.clone().requires_grad_(True)
+            loss, _ = fused_linear_mdpo_loss(h, weight, labels, segments, torch.zeros(2, 3))
+            loss.backward()
+        finally:
+            torch.use_deterministic_algorithms(previous)
+    monkeypatch.setattr(lin, "_linear_logprobs_bwd_hidden_kernel", hidden_kernel)

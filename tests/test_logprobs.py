@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import mdpo_fast.chunked as chunked
+import mdpo_fast.ops.chunked as chunked
 from mdpo_fast import linear_token_logprobs, segment_logps, token_logprobs
-from mdpo_fast.naive import linear_token_logprobs_naive, token_logprobs_naive
+from mdpo_fast.ops.naive import linear_token_logprobs_naive, token_logprobs_naive
 
 # Absolute slack on top of "no worse than 2x PyTorch's own error at this dtype", per dtype.
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}

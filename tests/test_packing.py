@@ -187,7 +187,7 @@ def test_precompute_resumes_and_is_keyed_by_fingerprint(lora_setup, tmp_path, mo
 @pytest.mark.slow
 def test_demo_logs_the_same_metrics_packed_or_padded(tmp_path):
     from mdpo_fast.cli import DEMO_DEFAULTS, run_training
-    from mdpo_fast.loss import METRIC_NAMES
+    from mdpo_fast.ops.loss import METRIC_NAMES
 
     logs = {}
     for name, layout in (("padded", {"packing": False, "precompute_ref_logps": False}), ("default", {})):

@@ -4,8 +4,8 @@ Forward: each program owns a block of (non-ignored) rows and one slice of the vo
 chip (`hidden @ weight.T` over hidden blocks, fp32 accumulate) and keeps an online max / sum-exp per row; the
 host merges the per-slice log-sum-exps. Backward recomputes the same tiles from the saved log-sum-exp, forms
 `g * (onehot(label) - softmax)` per tile and adds its products with `weight` and `hidden` into fp32 gradient
-buffers with atomics. The plain reference is `mdpo_fast.naive.linear_token_logprobs_naive`; the autograd
-Function over these launchers is `mdpo_fast.logprobs.LinearLogprobs`, shared with the PyTorch backend.
+buffers with atomics. The plain reference is `mdpo_fast.ops.naive.linear_token_logprobs_naive`; the autograd
+Function over these launchers is `mdpo_fast.ops.logprobs.LinearLogprobs`, shared with the PyTorch backend.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mdpo_fast.backend import valid_rows
-from mdpo_fast.kernels.config import (
+from mdpo_fast.ops.kernels.config import (
     LinearLogprobsConfig,
     dot_precision,
     emulate_bf16,
@@ -24,6 +23,7 @@ from mdpo_fast.kernels.config import (
     min_programs,
     vocab_splits,
 )
+from mdpo_fast.ops.rows import valid_rows
 
 
 def _emulate_bf16(args) -> bool:
@@ -136,6 +136,42 @@ def _linear_logprobs_fwd_kernel(
     tl.store(label_part_ptr + out, label_logit, mask=row_mask)
 
 
+@triton.jit
+def _grad_tile(
+    hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, labels, lse, g, offs_v, col_mask, H, stride_hn, stride_wv,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, softcap, SOFTCAP: tl.constexpr,
+):
+    """`[BLOCK_N, BLOCK_V]` fp32 d(sum g * logp) / d logits of a tile, 0 outside the rows and the vocabulary."""
+    logits = _logit_tile(
+        hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, offs_v, col_mask, H, stride_hn, stride_wv,
+        BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, EMULATE_BF16, DOT_PRECISION, softcap, SOFTCAP,
+    )
+    # d logp / d logits = onehot(label) - softmax; padding lanes forced to 0 (exp may overflow there)
+    onehot = tl.where(offs_v[None, :] == labels[:, None], 1.0, 0.0)
+    grad = g[:, None] * (onehot - tl.exp(logits - lse[:, None]))
+    if SOFTCAP:  # through the cap: d(c tanh(x / c)) / dx = 1 - tanh^2
+        grad = grad * (1.0 - (logits / softcap) * (logits / softcap))
+    return tl.where(row_mask[:, None] & col_mask[None, :], grad, 0.0)
+
+
+@triton.jit
+def _h_slice(ptr, index, stride, offs_h, index_mask, h_mask, EMULATE_BF16: tl.constexpr):
+    """`ptr[index, offs_h]` as a dot operand (`[len(index), BLOCK_H]`; fp32 where bf16 is emulated)."""
+    x = tl.load(ptr + index[:, None] * stride + offs_h[None, :], mask=index_mask[:, None] & h_mask[None, :], other=0.0)
+    if EMULATE_BF16:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _as_operand(grad, hidden_ptr, EMULATE_BF16: tl.constexpr):
+    """The products run at the input precision, as PyTorch's `grad_logits @ weight` would."""
+    if EMULATE_BF16:
+        return round_to_bf16(grad)
+    return grad.to(hidden_ptr.dtype.element_ty)
+
+
 @triton.heuristics(
     {
         "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
@@ -194,44 +230,116 @@ def _linear_logprobs_bwd_kernel(
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = offs_v < V
 
-    logits = _logit_tile(
-        hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, offs_v, col_mask, H, stride_hn, stride_wv,
+    grad = _grad_tile(
+        hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, labels, lse, g, offs_v, col_mask, H, stride_hn, stride_wv,
         BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, EMULATE_BF16, DOT_PRECISION, softcap, SOFTCAP,
     )
-    # d logp / d logits = onehot(label) - softmax; padding lanes forced to 0 (exp may overflow there)
-    onehot = tl.where(offs_v[None, :] == labels[:, None], 1.0, 0.0)
-    grad = g[:, None] * (onehot - tl.exp(logits - lse[:, None]))  # [BN, BV] fp32
-    if SOFTCAP:  # through the cap: d(c tanh(x / c)) / dx = 1 - tanh^2
-        grad = grad * (1.0 - (logits / softcap) * (logits / softcap))
-    grad = tl.where(row_mask[:, None] & col_mask[None, :], grad, 0.0)
     if HAS_DB:
         tl.atomic_add(grad_bias_ptr + offs_v, tl.sum(grad, axis=0), mask=col_mask, sem="relaxed")
-    # The products run at the input precision, as PyTorch's `grad_logits @ weight` would.
-    if EMULATE_BF16:
-        grad = round_to_bf16(grad)
-    else:
-        grad = grad.to(hidden_ptr.dtype.element_ty)
+    grad = _as_operand(grad, hidden_ptr, EMULATE_BF16)
 
     offs_v64 = offs_v.to(tl.int64)
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
         if HAS_DH:
-            w_ptrs = weight_ptr + offs_v64[:, None] * stride_wv + offs_h[None, :]
-            w = tl.load(w_ptrs, mask=col_mask[:, None] & h_mask[None, :], other=0.0)  # [BV, BH]
-            if EMULATE_BF16:
-                w = w.to(tl.float32)
+            w = _h_slice(weight_ptr, offs_v64, stride_wv, offs_h, col_mask, h_mask, EMULATE_BF16)  # [BV, BH]
             dh = tl.dot(grad, w, input_precision=DOT_PRECISION)  # [BN, BH]
             dh_ptrs = grad_hidden_ptr + rows[:, None] * H + offs_h[None, :]
             tl.atomic_add(dh_ptrs, dh, mask=row_mask[:, None] & h_mask[None, :], sem="relaxed")
         if HAS_DW:
-            x_ptrs = hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :]
-            x = tl.load(x_ptrs, mask=row_mask[:, None] & h_mask[None, :], other=0.0)  # [BN, BH]
-            if EMULATE_BF16:
-                x = x.to(tl.float32)
+            x = _h_slice(hidden_ptr, rows, stride_hn, offs_h, row_mask, h_mask, EMULATE_BF16)  # [BN, BH]
             dw = tl.dot(tl.trans(grad), x, input_precision=DOT_PRECISION)  # [BV, BH]
             dw_ptrs = grad_weight_ptr + offs_v64[:, None] * H + offs_h[None, :]
             tl.atomic_add(dw_ptrs, dw, mask=col_mask[:, None] & h_mask[None, :], sem="relaxed")
+
+
+_DETERMINISTIC_HEURISTICS = {
+    "HAS_BIAS": lambda args: args["bias_ptr"] is not None,
+    "EMULATE_BF16": _emulate_bf16,
+    "SOFTCAP": lambda args: args["softcap"] is not None,
+}
+
+
+@triton.heuristics(_DETERMINISTIC_HEURISTICS)
+@triton.jit(do_not_specialize=["n_rows"])
+def _linear_logprobs_bwd_hidden_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, rows_ptr, lse_ptr, grad_logps_ptr,
+    grad_hidden_ptr,  # [N, H] fp32 zeros, contiguous
+    softcap, n_rows, H, V, stride_hn, stride_wv,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+):
+    """Deterministic `grad_hidden`: a program per row block walks the whole vocabulary in order, adding into rows
+    no other program touches (plain loads and stores, no atomics)."""
+    offs_m = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = offs_m < n_rows
+    rows = tl.load(rows_ptr + offs_m, mask=row_mask, other=0)
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(grad_logps_ptr + rows, mask=row_mask, other=0.0)
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        col_mask = offs_v < V
+        grad = _grad_tile(
+            hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, labels, lse, g, offs_v, col_mask, H, stride_hn,
+            stride_wv, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, EMULATE_BF16, DOT_PRECISION, softcap, SOFTCAP,
+        )
+        grad = _as_operand(grad, hidden_ptr, EMULATE_BF16)
+        offs_v64 = offs_v.to(tl.int64)
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            h_mask = offs_h < H
+            w = _h_slice(weight_ptr, offs_v64, stride_wv, offs_h, col_mask, h_mask, EMULATE_BF16)
+            dh_ptrs = grad_hidden_ptr + rows[:, None] * H + offs_h[None, :]
+            dh_mask = row_mask[:, None] & h_mask[None, :]
+            dh = tl.load(dh_ptrs, mask=dh_mask, other=0.0) + tl.dot(grad, w, input_precision=DOT_PRECISION)
+            tl.store(dh_ptrs, dh, mask=dh_mask)
+
+
+@triton.heuristics({**_DETERMINISTIC_HEURISTICS, "HAS_DW": lambda args: args["grad_weight_ptr"] is not None,
+                    "HAS_DB": lambda args: args["grad_bias_ptr"] is not None})
+@triton.jit(do_not_specialize=["n_rows"])
+def _linear_logprobs_bwd_weight_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, labels_ptr, rows_ptr, lse_ptr, grad_logps_ptr,
+    grad_weight_ptr,  # [V, H] fp32 zeros, contiguous; or None
+    grad_bias_ptr,  # [V] fp32 zeros; or None
+    softcap, n_rows, H, V, stride_hn, stride_wv,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):
+    """Deterministic `grad_weight` and `grad_bias`: a program per vocab block walks the rows in order, adding into
+    vocab entries no other program touches."""
+    offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = offs_v < V
+    offs_v64 = offs_v.to(tl.int64)
+    db = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for n0 in range(0, n_rows, BLOCK_N):
+        offs_m = n0 + tl.arange(0, BLOCK_N)
+        row_mask = offs_m < n_rows
+        rows = tl.load(rows_ptr + offs_m, mask=row_mask, other=0)
+        labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        g = tl.load(grad_logps_ptr + rows, mask=row_mask, other=0.0)
+        grad = _grad_tile(
+            hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, labels, lse, g, offs_v, col_mask, H, stride_hn,
+            stride_wv, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, EMULATE_BF16, DOT_PRECISION, softcap, SOFTCAP,
+        )
+        if HAS_DB:
+            db += tl.sum(grad, axis=0)
+        if HAS_DW:
+            grad = _as_operand(grad, hidden_ptr, EMULATE_BF16)
+            for h0 in range(0, H, BLOCK_H):
+                offs_h = h0 + tl.arange(0, BLOCK_H)
+                h_mask = offs_h < H
+                x = _h_slice(hidden_ptr, rows, stride_hn, offs_h, row_mask, h_mask, EMULATE_BF16)
+                dw_ptrs = grad_weight_ptr + offs_v64[:, None] * H + offs_h[None, :]
+                dw_mask = col_mask[:, None] & h_mask[None, :]
+                dw = tl.dot(tl.trans(grad), x, input_precision=DOT_PRECISION)
+                tl.store(dw_ptrs, tl.load(dw_ptrs, mask=dw_mask, other=0.0) + dw, mask=dw_mask)
+    if HAS_DB:
+        tl.store(grad_bias_ptr + offs_v, db, mask=col_mask)
 
 
 def _prepare(hidden, weight, bias):
@@ -309,6 +417,7 @@ def linear_logprobs_bwd(
     need_bias: bool | None = None,
     config: LinearLogprobsConfig | None = None,
     softcap: float | None = None,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of `sum(grad_logps * logps)` for `hidden`, `weight` and `bias`, recomputing the logits.
 
@@ -317,6 +426,8 @@ def linear_logprobs_bwd(
         lse: `[N]` fp32 log-sum-exps from `linear_logprobs_fwd`.
         need_hidden / need_weight / need_bias: which gradients to form (`need_bias` defaults to `bias is not None`).
         softcap: as given to the forward.
+        deterministic: no float atomics (each gradient entry summed by one program in a fixed order), so two runs
+            are bitwise equal; it recomputes the logits twice instead of once.
 
     Returns:
         `(grad_hidden [N, H], grad_weight [V, H], grad_bias [V])` in the dtypes of the inputs, None where not needed.
@@ -338,13 +449,21 @@ def linear_logprobs_bwd(
     grad_bias = torch.zeros(v, dtype=torch.float32, device=dev) if need_bias else None
     if m and (need_hidden or need_weight or need_bias):
         cfg = config or linear_bwd_config(dev, hidden.dtype, h, v)
-        grid = (triton.cdiv(m, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
-        _linear_logprobs_bwd_kernel[grid](
-            hidden, weight, bias, labels, rows, lse.float().contiguous(), grad_logps.float().contiguous(),
-            grad_hidden, grad_weight, grad_bias, softcap, m, h, v, hidden.stride(0), weight.stride(0),
-            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP_N=cfg.group_n,
-            DOT_PRECISION=dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
+        inputs = (hidden, weight, bias, labels, rows, lse.float().contiguous(), grad_logps.float().contiguous())
+        sizes = (softcap, m, h, v, hidden.stride(0), weight.stride(0))
+        tiles = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+                     DOT_PRECISION=dot_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if deterministic:  # no float atomics: each gradient entry is summed by one program, in a fixed order
+            if need_hidden:
+                _linear_logprobs_bwd_hidden_kernel[(triton.cdiv(m, cfg.block_n),)](
+                    *inputs, grad_hidden, *sizes, **tiles)
+            if need_weight or need_bias:
+                _linear_logprobs_bwd_weight_kernel[(triton.cdiv(v, cfg.block_v),)](
+                    *inputs, grad_weight, grad_bias, *sizes, **tiles)
+        else:
+            grid = (triton.cdiv(m, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
+            _linear_logprobs_bwd_kernel[grid](
+                *inputs, grad_hidden, grad_weight, grad_bias, *sizes, GROUP_N=cfg.group_n, **tiles)
     if grad_hidden is not None:
         grad_hidden = grad_hidden.to(hidden.dtype)
     if grad_weight is not None:

@@ -54,7 +54,25 @@ LOGITS_BWD_INTERPRET = LogitsLogprobsConfig(block_v=128, num_warps=1)
 
 def interpreting(device: torch.device) -> bool:
     """True when kernels run in Triton's interpreter (`TRITON_INTERPRET=1`), the only way CPU tensors reach them."""
-    return device.type == "cpu" or triton.knobs.runtime.interpret
+    if device.type == "cpu" or triton.knobs.runtime.interpret:
+        check_interpreter()
+        return True
+    return False
+
+
+@functools.cache
+def check_interpreter() -> None:
+    """Triton 3.6's interpreter turns a loop bound that is a kernel argument into an int through a 1-element
+    array, which numpy >= 2.4 refuses: every kernel with such a loop fails mid-launch with a numpy TypeError.
+    Compiled kernels (GPU) are not affected. One clear line instead."""
+    import numpy as np
+
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+
+    if version(triton.__version__) <= (3, 6) and version(np.__version__) >= (2, 4):
+        raise RuntimeError(f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) cannot run with numpy "
+                           f"{np.__version__}: install numpy<2.4 beside it, or a newer Triton")
 
 
 def emulate_bf16(x: torch.Tensor) -> bool:

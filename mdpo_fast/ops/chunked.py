@@ -12,6 +12,7 @@ import torch
 
 # Bytes of fp32 logits per chunk: small next to the weight, large enough that a chunk's matmul is efficient.
 CHUNK_BYTES = 64 << 20
+WEIGHT_SLICE = 16384  # vocab rows of the weight gradient computed at a time
 
 
 def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -46,8 +47,9 @@ def chunked_logprobs_fwd(hidden, weight, labels, bias, *, rows, softcap=None) ->
 
 
 def chunked_logprobs_bwd(grad_logps, hidden, weight, labels, lse, bias, *, rows, need_hidden, need_weight, need_bias,
-                         softcap=None):
-    """Gradients of `sum(grad_logps * logps)` for hidden, weight and bias (None where not needed)."""
+                         softcap=None, deterministic=False):
+    """Gradients of `sum(grad_logps * logps)` for hidden, weight and bias (None where not needed). Deterministic
+    whatever `deterministic` says: every sum runs in one fixed order."""
     w, b = _cast(hidden, weight, bias)
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
@@ -69,8 +71,9 @@ def chunked_logprobs_bwd(grad_logps, hidden, weight, labels, lse, bias, *, rows,
         grad_logits = grad_logits.to(hidden.dtype)
         if need_hidden:
             grad_hidden[idx] = grad_logits @ w
-        if need_weight:
-            grad_weight += grad_logits.T @ h
+        if need_weight:  # by vocab slices: one `grad_logits.T @ h` would be a [V, H] temporary per chunk
+            for v0 in range(0, weight.shape[0], WEIGHT_SLICE):
+                grad_weight[v0 : v0 + WEIGHT_SLICE] += grad_logits[:, v0 : v0 + WEIGHT_SLICE].T @ h
         del grad_logits
     if need_weight:
         grad_weight = grad_weight.to(weight.dtype)

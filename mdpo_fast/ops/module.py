@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from mdpo_fast.fused_loss import fused_linear_mdpo_loss
+from mdpo_fast.ops.fused_loss import fused_linear_mdpo_loss
 
 
 class MDPOLoss(nn.Module):
@@ -16,14 +16,15 @@ class MDPOLoss(nn.Module):
     """
 
     def __init__(self, beta: float = 0.1, anchor: float = 0.0, weights: Sequence[float] = (1.0, 1.0, 1.0),
-                 ignore_index: int = -100):
+                 ignore_index: int = -100, deterministic: bool | None = None):
         super().__init__()
         self.beta, self.anchor, self.weights, self.ignore_index = beta, anchor, tuple(weights), ignore_index
+        self.deterministic = deterministic
 
     def forward(self, hidden, weight, labels, segment_ids, ref_logps=None, **kwargs):
         return fused_linear_mdpo_loss(
             hidden, weight, labels, segment_ids, ref_logps, beta=self.beta, anchor=self.anchor,
-            weights=self.weights, ignore_index=self.ignore_index, **kwargs,
+            weights=self.weights, ignore_index=self.ignore_index, deterministic=self.deterministic, **kwargs,
         )
 
     def extra_repr(self) -> str:

@@ -2,7 +2,7 @@
 
 Forward: one program per row streams the vocab once (online max / sum-exp) and reads the label's logit.
 Backward: one program per (row, vocab block) writes `g * (onehot(label) - softmax)` from the saved
-log-sum-exp, in the logits dtype. The plain reference is `mdpo_fast.naive.token_logprobs_naive`.
+log-sum-exp, in the logits dtype. The plain reference is `mdpo_fast.ops.naive.token_logprobs_naive`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mdpo_fast.kernels.config import LogitsLogprobsConfig, emulate_bf16, logits_bwd_config, logits_fwd_config
-from mdpo_fast.kernels.linear_logprobs import round_to_bf16
+from mdpo_fast.ops.kernels.config import LogitsLogprobsConfig, emulate_bf16, logits_bwd_config, logits_fwd_config
+from mdpo_fast.ops.kernels.linear_logprobs import round_to_bf16
 
 
 @triton.jit

@@ -3,7 +3,8 @@
 Each backend offers the same two launchers for log-probs from hidden states, so the autograd
 Functions above them exist once:
     fwd(hidden, weight, labels, bias, *, rows) -> (logps [N] fp32, lse [N] fp32)
-    bwd(grad_logps, hidden, weight, labels, lse, bias, *, rows, need_hidden, need_weight, need_bias) -> grads
+    bwd(grad_logps, hidden, weight, labels, lse, bias, *, rows, need_hidden, need_weight, need_bias, softcap,
+        deterministic) -> grads
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from mdpo_fast.chunked import chunked_logprobs_bwd, chunked_logprobs_fwd
+from mdpo_fast.ops.chunked import chunked_logprobs_bwd, chunked_logprobs_fwd
 
 CHOICES = ("auto", "triton", "torch")
 
@@ -25,11 +26,6 @@ class LinearOps(NamedTuple):
 
 
 TORCH_OPS = LinearOps("torch", chunked_logprobs_fwd, chunked_logprobs_bwd)
-
-
-def valid_rows(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """`[M]` int64 indices of the rows that have a label (one host sync); only these cost work."""
-    return (labels != ignore_index).nonzero().squeeze(1)
 
 
 def _triton_interpreting() -> bool:
@@ -56,6 +52,6 @@ def backend_for(device: torch.device) -> str:
 def linear_ops(device: torch.device) -> LinearOps:
     if backend_for(device) == "torch":
         return TORCH_OPS
-    from mdpo_fast.kernels.linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
+    from mdpo_fast.ops.kernels.linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
 
     return LinearOps("triton", linear_logprobs_fwd, linear_logprobs_bwd)

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mdpo_fast.backend import LinearOps, linear_ops, valid_rows
-from mdpo_fast.logprobs import check_linear_inputs, segment_logps
-from mdpo_fast.loss import METRIC_NAMES, NUM_BRANCHES, check_loss_options, mdpo_loss
+from mdpo_fast.ops.backend import LinearOps, linear_ops
+from mdpo_fast.ops.logprobs import check_linear_inputs, deterministic_backward, segment_logps
+from mdpo_fast.ops.loss import METRIC_NAMES, NUM_BRANCHES, check_loss_options, mdpo_loss
+from mdpo_fast.ops.rows import valid_rows
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class MDPOLossOptions:
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     ignore_index: int = -100
     softcap: float | None = None
+    deterministic: bool | None = None
 
 
 class FusedLinearMDPOLoss(torch.autograd.Function):
@@ -64,6 +66,7 @@ class FusedLinearMDPOLoss(torch.autograd.Function):
         grads = ctx.opts.ops.bwd(
             token_grad * grad_loss, hidden, weight, labels, lse, bias, rows=rows,
             need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, softcap=ctx.opts.softcap,
+            deterministic=deterministic_backward(ctx.opts.deterministic),
         )
         return *grads, None, None, None, None, None
 
@@ -104,6 +107,7 @@ def fused_linear_mdpo_loss(
     num_examples: int | None = None,
     softcap: float | None = None,
     check_segment_range: bool = True,
+    deterministic: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mDPO loss of DESIGN.md straight from hidden states, for all three branches of all examples at once.
 
@@ -120,6 +124,8 @@ def fused_linear_mdpo_loss(
         softcap: the model's final logit soft-capping (`softcap * tanh(logits / softcap)`, Gemma 2), or None.
         check_segment_range: read `segment_ids`' range on the host to refuse out-of-range ids (a device sync on
             GPU); a caller whose ids are right by construction and that gives `num_examples` may skip it.
+        deterministic: a backward bitwise equal from run to run (`linear_token_logprobs`); None follows
+            `torch.are_deterministic_algorithms_enabled()`.
 
     Returns:
         `(loss, metrics)`: the 0-d loss, differentiable in `hidden`, `weight` and `bias`; metrics as in
@@ -147,7 +153,8 @@ def fused_linear_mdpo_loss(
             raise ValueError(f"ref_logps has {ref_logps.shape[0]} rows but num_examples is {num_examples}")
         ref_logps = ref_logps.detach().float()
     num_examples = _check_segments(segment_ids, hidden.shape[0], num_examples, check_segment_range)
-    opts = MDPOLossOptions(linear_ops(hidden.device), num_examples, beta, anchor, w_all, ignore_index, softcap)
+    opts = MDPOLossOptions(linear_ops(hidden.device), num_examples, beta, anchor, w_all, ignore_index, softcap,
+                           deterministic)
     loss, metrics, policy_logps, ref_out = FusedLinearMDPOLoss.apply(
         hidden, weight, bias, labels, segment_ids, ref_logps, ref_hidden, opts
     )

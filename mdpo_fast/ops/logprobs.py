@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mdpo_fast.backend import LinearOps, backend_for, linear_ops, valid_rows
-from mdpo_fast.naive import token_logprobs_naive
+from mdpo_fast.ops.backend import LinearOps, backend_for, linear_ops
+from mdpo_fast.ops.naive import token_logprobs_naive
+from mdpo_fast.ops.rows import valid_rows
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,13 @@ class LogprobOptions:
     ops: LinearOps
     ignore_index: int = -100
     softcap: float | None = None
+    deterministic: bool | None = None
+
+
+def deterministic_backward(choice: bool | None) -> bool:
+    """An explicit choice, else whether PyTorch runs deterministic algorithms (`torch.use_deterministic_algorithms`,
+    which `--full_determinism` sets), read when the backward runs."""
+    return torch.are_deterministic_algorithms_enabled() if choice is None else choice
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -35,6 +43,7 @@ class LinearLogprobs(torch.autograd.Function):
         grads = ctx.opts.ops.bwd(
             grad_logps, hidden, weight, labels, lse, bias, rows=rows,
             need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias, softcap=ctx.opts.softcap,
+            deterministic=deterministic_backward(ctx.opts.deterministic),
         )
         return *grads, None, None
 
@@ -94,7 +103,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     if labels.device != logits.device:
         raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
     if backend_for(logits.device) == "triton":
-        from mdpo_fast.kernels.logits_logprobs import triton_token_logprobs
+        from mdpo_fast.ops.kernels.logits_logprobs import triton_token_logprobs
 
         return triton_token_logprobs(logits, labels, ignore_index)
     return token_logprobs_naive(logits, labels, ignore_index).float()
@@ -107,6 +116,7 @@ def linear_token_logprobs(
     ignore_index: int = -100,
     bias: torch.Tensor | None = None,
     softcap: float | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs of `labels` under `hidden @ weight.T (+ bias)`, never holding `[N, V]` logits.
 
@@ -118,6 +128,9 @@ def linear_token_logprobs(
         bias: optional `[V]` LM-head bias.
         softcap: logits become `softcap * tanh(logits / softcap)` before the softmax, as models with final
             logit soft-capping (Gemma 2, `final_logit_softcapping`) compute them; None for none.
+        deterministic: a backward whose results are bitwise equal from run to run (the Triton kernels then use no
+            float atomics, at the cost of recomputing the logits once more); None follows
+            `torch.are_deterministic_algorithms_enabled()`. The PyTorch path is deterministic either way.
 
     Returns:
         `[N]` float32 log-probs, 0 where ignored; differentiable in `hidden`, `weight` and `bias`.
@@ -128,7 +141,7 @@ def linear_token_logprobs(
         torch.Size([5])
     """
     check_linear_inputs(hidden, weight, labels, ignore_index, bias, softcap)
-    opts = LogprobOptions(linear_ops(hidden.device), ignore_index, softcap)
+    opts = LogprobOptions(linear_ops(hidden.device), ignore_index, softcap, deterministic)
     return LinearLogprobs.apply(hidden, weight, bias, labels, opts)
 
 
