@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from mdpo_fast.collate import IGNORE_INDEX, BatchStats, pad_rows
+from mdpo_fast.collate import IGNORE_INDEX, BatchStats, image_inputs, pad_rows
 from mdpo_fast.families import family_for
 from mdpo_fast.modeling import reference_context, unwrap
 from mdpo_fast.ops.loss import mdpo_loss
@@ -41,7 +41,8 @@ class PublishedCollator:
 
 def sequence_logps(model, batch) -> torch.Tensor:
     """Sum of answer-token log-probs per row, from full fp32 logits."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "text_inputs")} | batch.get("text_inputs", {})
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **image_inputs(batch),
+              **batch.get("text_inputs", {})}
     logits = model(**inputs, use_cache=False).logits.to(torch.float32)  # [rows, T, V]
     labels = batch["labels"][:, 1:].clone()
     mask = labels != IGNORE_INDEX

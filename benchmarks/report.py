@@ -98,9 +98,11 @@ def table() -> str:
     lines += _kernel_lines()
     for row in _latest(_rows("logprobs_memory_cpu.jsonl"), lambda r: json.dumps(r["shape"])):
         s, m = row["shape"], row["peak_extra_mib"]
+        args = "" if (s["N"], s["H"], s["V"]) == (8192, 1024, 32000) else f" {s['N']} {s['H']} {s['V']}"
         lines.append(
             f"| `linear_token_logprobs` (chunked PyTorch path) vs full-logits PyTorch, forward + backward peak extra "
-            f"memory, N={s['N']} H={s['H']} V={s['V']} fp32 | `python -m benchmarks.logprobs_memory` | {row['device']} "
+            f"memory, N={s['N']} H={s['H']} V={s['V']} fp32 | `python -m benchmarks.logprobs_memory{args}` | "
+            f"{row['device']} "
             f"| {m['chunked']:.0f} MiB vs {m['full_logits']:.0f} MiB ({row['ratio']:.2f}x) |")
     for row in _latest(_rows("data_scale.jsonl"), lambda r: (r["device"], r["shape"]["family"])):
         s = row["shape"]

@@ -55,13 +55,13 @@ def length_mix_records(n: int, seed: int = 0, prompt=(20, 80), answer=(30, 300),
     """Synthetic records: one of the demo images, prompts and answers of word counts drawn from the ranges."""
     from mdpo_fast.demo_data import demo_rows
     from mdpo_fast.records import parse_record
-    from mdpo_fast.tiny import _WORDS
+    from mdpo_fast.tiny import WORDS
 
     rng = random.Random(seed)
     images = [row["image"] for row in demo_rows(16, seed, size=image_size)]
 
     def words(lo, hi):
-        return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi))) + "."
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) + "."
 
     return [parse_record({"image": rng.choice(images), "question": words(*prompt), "chosen": words(*answer),
                           "rejected": words(*answer)}, i) for i in range(n)]

@@ -14,13 +14,6 @@ import torch
 from mdpo_fast.ops.loss import CORRUPTED, NUM_BRANCHES, REJECTED
 
 IGNORE_INDEX = -100
-# Batch entries that describe the layout; every other entry goes to the model as it is (pixel_values,
-# image_grid_thw, mm_token_type_ids, ...).
-LAYOUT_KEYS = frozenset({
-    "input_ids", "attention_mask", "position_ids", "rope_position_ids", "labels", "predictor_index",
-    "target_ids", "segment_ids", "example_index", "stats", "ref_logps", "unit_ids", "roles", "groups",
-    "text_inputs",
-})
 
 
 @dataclass(frozen=True)
@@ -34,7 +27,9 @@ class BatchStats:
 
 
 def image_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k not in LAYOUT_KEYS}
+    """The batch's image inputs for the model (pixel_values, image_grid_thw, ...): its `images` entry, which only
+    the collators fill, so no other batch entry ever reaches the model as an image argument."""
+    return batch.get("images", {})
 
 
 def concat_image_inputs(image_inputs: list[dict]) -> dict:
@@ -59,7 +54,7 @@ def _pad_to(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
 
 def pad_rows(rows: list[tuple], images: list[dict], pad_token_id: int, family=None, config=None) -> dict:
     """`(prompt_ids, answer_ids)` rows right-padded to one width: input_ids, attention_mask, labels (answer
-    tokens at their own positions, shifted where log-probs are taken), the rows' image inputs and the
+    tokens at their own positions, shifted where log-probs are taken), the rows' image inputs (`images`) and the
     per-token inputs the model's `family` adapter asks for (token types), under `text_inputs`."""
     width = max(len(p) + len(a) for p, a in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -71,7 +66,7 @@ def pad_rows(rows: list[tuple], images: list[dict], pad_token_id: int, family=No
         attention_mask[r, :n] = 1
         labels[r, len(prompt):n] = torch.tensor(answer)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-             **concat_image_inputs(images)}
+             "images": concat_image_inputs(images)}
     if family is not None:
         batch["text_inputs"] = family.text_inputs(input_ids, labels != IGNORE_INDEX, config)
     return batch

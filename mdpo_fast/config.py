@@ -1,4 +1,4 @@
-"""Layer 6: one configuration dataclass for training, read from flags and YAML by the CLI."""
+"""Layer 6 (with `trainer.py` and `cli.py`): one configuration dataclass, read from flags and YAML by the CLI."""
 
 from __future__ import annotations
 

@@ -166,11 +166,6 @@ def logit_softcap(model: nn.Module) -> float | None:
     return getattr(unwrap(model).config.get_text_config(), "final_logit_softcapping", None)
 
 
-def padded_branch_logps(model: nn.Module, batch: dict) -> torch.Tensor:
-    """`[B, 3]` summed answer log-probs of a `PaddedCollator` batch."""
-    return sequence_logps(model, *padded_answer_tokens(model, batch))
-
-
 def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM head's full `(weight [V, H], bias)`, also when the head is sharded.
 

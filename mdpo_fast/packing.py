@@ -262,7 +262,7 @@ class PackedCollator:
             "example_index": torch.tensor([item["example"].index for item in items]),
             "stats": BatchStats(n_tokens, input_ids.numel() - n_tokens, len(placed)),
             "text_inputs": self.family.text_inputs(input_ids, answer_mask, self.config),
-            **(concat_image_inputs(placed) if placed else {}),
+            "images": concat_image_inputs(placed) if placed else {},
         }
         groups = self.family.bidirectional_groups(input_ids, answer_mask, self.config)
         if groups is not None:

@@ -200,8 +200,8 @@ def parse_record(row: Any, index: int, image_root: Path | None = None) -> Record
     if fmt is None:
         missing = [k for k in ("image", "prompt", "chosen", "rejected") if k not in row]
         raise ValueError(
-            f"unknown record format (fields {sorted(row)}); expected img_path/prompt, images/prompt "
-            f"or image/question with chosen and rejected; missing {missing}"
+            f"unknown record format (fields {sorted(row)}); expected "
+            f"{', '.join('/'.join(f) for f in _FORMATS)} with chosen and rejected; missing {missing}"
         )
     for key in ("chosen", "rejected"):
         if key not in row:

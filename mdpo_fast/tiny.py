@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 # Words that get a single token; everything else falls back to bytes.
-_WORDS = (
+WORDS = (
     "a an the and is are in at of on to with there image picture shape shapes what which where "
     "describe show shows see colour color red green blue yellow purple orange white black circle "
     "square triangle top bottom left right centre center corner middle upper lower one two it "
@@ -62,8 +62,8 @@ def build_tokenizer(special_tokens: dict[str, str] | None = None, extra: tuple[s
         vocab[ch] = len(vocab)
     merges = []
     # Space-prefixed forms rank first, so " is" merges into one token before "is" could.
-    forms = [" " + w for w in _WORDS] + [" " + w.capitalize() for w in _WORDS]
-    for form in forms + _WORDS + [w.capitalize() for w in _WORDS]:
+    forms = [" " + w for w in WORDS] + [" " + w.capitalize() for w in WORDS]
+    for form in forms + WORDS + [w.capitalize() for w in WORDS]:
             (piece, _), = byte_level.pre_tokenize_str(form)
             left = piece[0]
             for ch in piece[1:]:

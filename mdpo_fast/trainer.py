@@ -1,4 +1,5 @@
-"""Layer 6: `transformers.Trainer` drives the loop; this subclass only adds the batch layout and the loss."""
+"""Layer 6: `transformers.Trainer` drives the loop; this subclass adds the batch layout, the loss and its metrics,
+the held-out evaluation, a stop before the optimizer step on a non-finite loss, and checkpoints written whole."""
 
 from __future__ import annotations
 

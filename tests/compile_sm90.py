@@ -19,7 +19,7 @@ from triton.backends.compiler import GPUTarget
 
 from mdpo_fast.ops.kernels import linear_logprobs as lin
 from mdpo_fast.ops.kernels import logits_logprobs as lgt
-from mdpo_fast.ops.kernels.config import LINEAR_BWD, LINEAR_FWD, LOGITS_BWD, LOGITS_FWD, for_dtype
+from mdpo_fast.ops.kernels.config import LINEAR_BWD, LINEAR_FWD, LOGITS, for_dtype
 
 TARGET = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 227 * 1024
@@ -84,10 +84,9 @@ def logits_variants():
             "lse_ptr": "*fp32", "grad_logps_ptr": "*fp32"}
     for dtype, ptr in DTYPES.items():
         types = {**ints, "logits_ptr": ptr, "grad_logits_ptr": ptr}
-        yield f"logits_fwd-{dtype}", lgt._logits_logprobs_fwd_kernel, types, {"BLOCK_V": LOGITS_FWD.block_v}, \
-            LOGITS_FWD
+        yield f"logits_fwd-{dtype}", lgt._logits_logprobs_fwd_kernel, types, {"BLOCK_V": LOGITS.block_v}, LOGITS
         yield f"logits_bwd-{dtype}", lgt._logits_logprobs_bwd_kernel, types, \
-            {"BLOCK_V": LOGITS_BWD.block_v, "EMULATE_BF16": False}, LOGITS_BWD
+            {"BLOCK_V": LOGITS.block_v, "EMULATE_BF16": False}, LOGITS
 
 
 def main() -> None:

@@ -1,7 +1,6 @@
 """Faults: a NaN stops the run before it reaches the weights; a save killed half-way leaves no checkpoint."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -82,12 +81,17 @@ def test_save_killed_half_way_leaves_no_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint", "staging"))) == ["checkpoint-6"]
 
 
-def test_cli_reports_a_nan_loss_in_one_line(tmp_path, tiny_dir, demo_dir, monkeypatch):
+def test_cli_reports_a_nan_loss_in_one_line(tmp_path, tiny_dir, demo_dir, monkeypatch, capsys):
     from mdpo_fast import cli
 
     monkeypatch.setattr(MDPOTrainer, "__init__", _with_callback(MDPOTrainer.__init__, PoisonAt(2)))
     code = cli.main(["train", "--model_name_or_path", str(tiny_dir), "--dataset", str(demo_dir / "train.jsonl"),
                      "--image_root", str(demo_dir), "--output_dir", str(tmp_path / "o"), "--max_steps", "3",
-                     "--lora_r", "4", "--lora_alpha", "8", "--use_cpu", "true", "--disable_tqdm", "true"])
+                     "--save_steps", "1", "--lora_r", "4", "--lora_alpha", "8", "--use_cpu", "true",
+                     "--disable_tqdm", "true"])
     assert code == 3
-    assert not Path(tmp_path / "o" / "checkpoint-2").exists()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mdpo-fast: error:")]
+    assert len(errors) == 1 and "loss is nan at step 2" in errors[0], errors
+    assert "Last good checkpoint: " + str(tmp_path / "o" / "checkpoint-1") in errors[0]
+    # a checkpoint every step: step 1's was written, the poisoned step 2 never saved one
+    assert (tmp_path / "o" / "checkpoint-1").exists() and not (tmp_path / "o" / "checkpoint-2").exists()

@@ -141,7 +141,12 @@ def test_metrics_match_mdpo_loss_on_the_sums(backend):
     hidden, weight, _, labels, segment_ids, ref_logps, options, _ = _case(6, 41, 24, 130, 3)
     loss, metrics = fused_linear_mdpo_loss(hidden.float(), weight.float(), labels, segment_ids, ref_logps.float(),
                                            **options)
-    expected_loss, expected = mdpo_loss(metrics["policy_logps"], ref_logps.float(), **options)
+    # the sums from full logits, apart from the fused call: its metrics must be the objective's on them
+    tokens = linear_token_logprobs_naive(hidden.float(), weight.float(), torch.where(segment_ids >= 0, labels, -100))
+    keep = segment_ids >= 0
+    sums = torch.zeros(9).index_add(0, segment_ids[keep], tokens[keep]).view(3, 3)
+    torch.testing.assert_close(metrics["policy_logps"], sums, rtol=0, atol=1e-4)
+    expected_loss, expected = mdpo_loss(sums, ref_logps.float(), **options)
     torch.testing.assert_close(loss, expected_loss)
     for name in METRIC_NAMES:
         torch.testing.assert_close(metrics[name], expected[name], msg=name)

@@ -120,7 +120,13 @@ def test_weight_in_other_dtype_gets_fp32_gradient():
     hidden, weight, _, labels, grad = _inputs(9, 16, 50, torch.bfloat16)
     w = weight.float().requires_grad_(True)
     linear_token_logprobs(hidden.bfloat16(), w, labels).backward(grad)
-    assert w.grad.dtype == torch.float32 and w.grad.abs().sum() > 0
+    assert w.grad.dtype == torch.float32
+    # the same gradient as full logits at the compute precision (the weight cast to bf16, as the matmul takes it)
+    w16 = weight.bfloat16().requires_grad_(True)
+    linear_token_logprobs_naive(hidden.bfloat16(), w16, labels).backward(grad)
+    exact = _run(lambda h_, w_, lab: linear_token_logprobs_naive(h_, w_, lab), [hidden, weight], labels, grad)[2]
+    err, base = (w.grad.double() - exact).abs().max(), (w16.grad.double() - exact).abs().max()
+    assert err <= 2 * base + ATOL[torch.bfloat16], (err, base)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

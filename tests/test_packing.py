@@ -34,7 +34,7 @@ def test_shared_prefix_layout_by_hand():
     assert batch["target_ids"].tolist() == [10, 11, 20, 21, 22, 10, 11]
     assert batch["segment_ids"].tolist() == [0, 0, 1, 1, 1, 2, 2]
     # image inputs follow the placeholders: m (zeros) then m' (ones)
-    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [0, 1] and batch["example_index"].tolist() == [7]
+    assert batch["images"]["pixel_values"][:, 0, 0, 0].tolist() == [0, 1] and batch["example_index"].tolist() == [7]
     mask = attention_mask(batch["unit_ids"], batch["roles"])[0, 0]
     assert mask[6, :4].all() and not mask[6, 4:6].any() and mask[6, 6]  # rejected: prefix and itself
     assert mask[5, :6].all() and not mask[5, 6:].any()  # chosen: causal over prefix and itself
@@ -83,7 +83,7 @@ def test_units_fill_rows_and_pad_only_at_the_end():
     tokens, padding, images = batch["stats"].tokens, batch["stats"].padding, batch["stats"].images
     assert ids.shape[1] <= 12 and tokens + padding == ids.numel()
     # m twice and m' once per example (rows reorder units; the model tests check the placement)
-    assert images == 12 and batch["pixel_values"][:, 0, 0, 0].sum() == 4
+    assert images == 12 and batch["images"]["pixel_values"][:, 0, 0, 0].sum() == 4
     assert ids.shape[0] > 1  # the step did not fit one row
     for row in ids.tolist():  # no real token is 0 here: padding (0) only after the last real token
         real = len(row) - row[::-1].index(next(t for t in row[::-1] if t != 0))

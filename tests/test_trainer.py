@@ -12,7 +12,7 @@ from mdpo_fast.collate import PaddedCollator
 from mdpo_fast.data import prepare_dataset
 from mdpo_fast.demo_data import demo_records
 from mdpo_fast.families import family_for
-from mdpo_fast.modeling import padded_branch_logps
+from mdpo_fast.modeling import padded_answer_tokens, sequence_logps
 from mdpo_fast.tiny import build_tiny_model
 
 FAST = {"lora_r": 8, "lora_alpha": 16, "max_length": 128, "report_to": "none", "disable_tqdm": True}
@@ -34,7 +34,7 @@ def _independent_logps(model, item, answer_ids, image: dict, image_token_id: int
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_padded_branch_logps_match_each_sequence_alone(tmp_path, family):
+def test_padded_layout_logps_match_each_sequence_alone(tmp_path, family):
     model, processor = build_tiny_model(family=family)
     args = _config(tmp_path)
     records = [dataclasses.replace(r, image=r.image.resize((32 + 24 * (r.index % 3), 32)))  # Qwen: three grids
@@ -47,7 +47,7 @@ def test_padded_branch_logps_match_each_sequence_alone(tmp_path, family):
     if family != "llava":
         assert len({tuple(it["image"]["image_grid_thw"][0].tolist()) for it in items}) == 3
     with torch.no_grad():
-        got = padded_branch_logps(model, batch)
+        got = sequence_logps(model, *padded_answer_tokens(model, batch))
         expected = torch.tensor([
             [
                 _independent_logps(model, it, it["example"].chosen_ids, it["image"], image_id),

@@ -1,4 +1,4 @@
-"""The loss library: the mDPO objective, per-token log-probs straight from hidden states and the LM-head weight
+"""Layer 5, the loss library: the mDPO objective, per-token log-probs straight from hidden states and the LM-head weight
 (Triton kernels on GPU, a chunked PyTorch path elsewhere, plain references), and the fused three-branch loss.
 It imports nothing of the trainer, the data layers, transformers or peft (tests/test_imports.py)."""
 

@@ -1,4 +1,5 @@
-"""Plain full-logits PyTorch references: simple and exact, imported by tests and benchmarks."""
+"""Plain full-logits PyTorch references: simple and exact. The references tests and benchmarks compare with, and
+`token_logprobs`' own CPU path (callers that already hold the logits)."""
 
 from __future__ import annotations
 

@@ -42,14 +42,12 @@ class LogitsLogprobsConfig:
 LINEAR_FWD = LinearLogprobsConfig(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3)
 # Backward holds the logit tile plus two dot outputs per step, so it takes half the rows.
 LINEAR_BWD = LinearLogprobsConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=3, group_n=8)
-LOGITS_FWD = LogitsLogprobsConfig(block_v=4096, num_warps=8)
-LOGITS_BWD = LogitsLogprobsConfig(block_v=4096, num_warps=8)
+LOGITS = LogitsLogprobsConfig(block_v=4096, num_warps=8)  # forward and backward alike
 
 _SMALL = {"block_n": 16, "block_v": 64, "block_h": 32, "num_warps": 1, "num_stages": 1}
 LINEAR_FWD_INTERPRET = LinearLogprobsConfig(**_SMALL, min_programs=4)  # 4: the tests split the vocab too
 LINEAR_BWD_INTERPRET = LinearLogprobsConfig(**_SMALL, group_n=2)
-LOGITS_FWD_INTERPRET = LogitsLogprobsConfig(block_v=128, num_warps=1)
-LOGITS_BWD_INTERPRET = LogitsLogprobsConfig(block_v=128, num_warps=1)
+LOGITS_INTERPRET = LogitsLogprobsConfig(block_v=128, num_warps=1)
 
 
 def interpreting(device: torch.device) -> bool:
@@ -108,13 +106,8 @@ def _clamp_linear(cfg: LinearLogprobsConfig, hidden_size: int, vocab_size: int) 
     return replace(cfg, block_v=_block(vocab_size, cfg.block_v), block_h=_block(hidden_size, cfg.block_h))
 
 
-def logits_fwd_config(device: torch.device, vocab_size: int) -> LogitsLogprobsConfig:
-    cfg = LOGITS_FWD_INTERPRET if interpreting(device) else LOGITS_FWD
-    return replace(cfg, block_v=_block(vocab_size, cfg.block_v))
-
-
-def logits_bwd_config(device: torch.device, vocab_size: int) -> LogitsLogprobsConfig:
-    cfg = LOGITS_BWD_INTERPRET if interpreting(device) else LOGITS_BWD
+def logits_config(device: torch.device, vocab_size: int) -> LogitsLogprobsConfig:
+    cfg = LOGITS_INTERPRET if interpreting(device) else LOGITS
     return replace(cfg, block_v=_block(vocab_size, cfg.block_v))
 
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mdpo_fast.ops.kernels.config import LogitsLogprobsConfig, emulate_bf16, logits_bwd_config, logits_fwd_config
+from mdpo_fast.ops.kernels.config import LogitsLogprobsConfig, emulate_bf16, logits_config
 from mdpo_fast.ops.kernels.linear_logprobs import round_to_bf16
 
 
@@ -94,7 +94,7 @@ def logits_logprobs_fwd(
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return logps, lse
-    cfg = config or logits_fwd_config(logits.device, v)
+    cfg = config or logits_config(logits.device, v)
     _logits_logprobs_fwd_kernel[(n,)](
         logits, labels, logps, lse, v, logits.stride(0), ignore_index, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps
     )
@@ -117,7 +117,7 @@ def logits_logprobs_bwd(
     grad_logits = torch.empty(n, v, dtype=logits.dtype, device=logits.device)
     if n == 0:
         return grad_logits
-    cfg = config or logits_bwd_config(logits.device, v)
+    cfg = config or logits_config(logits.device, v)
     _logits_logprobs_bwd_kernel[(n, triton.cdiv(v, cfg.block_v))](
         logits, labels, lse.float().contiguous(), grad_logps.float().contiguous(), grad_logits, v, logits.stride(0),
         ignore_index, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
