@@ -7,6 +7,7 @@ import hashlib
 import logging
 from array import array
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from mdpo_fast.examples import Example, PreferenceDataset, blank_image
 from mdpo_fast.ops.loss import BRANCH_NAMES, IMAGELESS_METRICS, mdpo_loss
-from mdpo_fast.records import load_image
+from mdpo_fast.records import ArrowImage, load_image
 
 logger = logging.getLogger("mdpo_fast")
 
@@ -56,8 +57,15 @@ def split_dataset(dataset: PreferenceDataset, fraction: float, seed: int) -> tup
 
 
 def image_key(ref) -> str:
-    """The decoded pixels' digest: two references to one picture (a set often asks several questions of one
-    image) have one key."""
+    """A digest of the picture: two references to one picture (a set often asks several questions of one image) have
+    one key. The encoded bytes where the reference has them (a file, bytes, an Arrow row: no decode, ~0.1 ms
+    against ~10 ms for a 640x480 JPEG), the pixels of an image already in memory."""
+    if isinstance(ref, ArrowImage):
+        ref = ref.read()
+    if isinstance(ref, str | Path):
+        ref = Path(ref).read_bytes()
+    if isinstance(ref, bytes | bytearray):
+        return hashlib.sha1(ref).hexdigest()
     image = load_image(ref)
     return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
 

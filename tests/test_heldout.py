@@ -45,6 +45,19 @@ def test_swap_partners_show_every_example_another_picture():
     assert None in crowded and all(j is None or (i == 5) != (j == 5) for i, j in enumerate(crowded))
 
 
+def test_one_picture_has_one_key_however_it_is_referenced(tmp_path):
+    import io
+
+    from PIL import Image
+
+    red, blue = Image.new("RGB", (8, 6), (200, 0, 0)), Image.new("RGB", (8, 6), (0, 0, 200))
+    encoded = io.BytesIO()
+    red.save(encoded, "PNG")
+    (tmp_path / "red.png").write_bytes(encoded.getvalue())
+    keys = {image_key(encoded.getvalue()), image_key(str(tmp_path / "red.png")), image_key(tmp_path / "red.png")}
+    assert len(keys) == 1 and image_key(red) == image_key(red.copy()) != image_key(blue)
+
+
 def test_swapped_log_probs_equal_the_models_own_forward_with_the_other_image(tmp_path):
     """Dynamic resolution (Qwen2-VL): the prompt shown another image of another size is tokenized again, and the
     chosen answer's log-prob in the run's layout equals the plain forward of that prompt with that image."""
