@@ -22,10 +22,13 @@ if [[ " $STAGES " == *" kernels "* ]]; then
   python3 -m benchmarks.kernels --device cuda --op linear mdpo --sweep --results "$OUT" 2>&1 | tee -a "$OUT/kernels.log"
 fi
 if [[ " $STAGES " == *" steps "* ]]; then
-  # mDPO with the time per phase (torch.profiler, device time), then plain DPO against TRL's DPO step
-  # unit_sdpa: packed rows attended unit by unit (the CPU default) against dense SDPA (the GPU default)
-  python3 -m benchmarks.step --model llava-1.5-7b --profile --providers published trl_dpo padded mdpo_fast unit_sdpa \
+  # mDPO with the time per phase (torch.profiler, device time) against the published step and TRL's DPO step, and
+  # packed rows attended unit by unit (the CPU default) against dense SDPA (the GPU default); then plain DPO
+  # against TRL's DPO step; then Qwen2.5-VL. Each provider loads its model afresh: four, two and two runs.
+  python3 -m benchmarks.step --model llava-1.5-7b --profile --providers published trl_dpo mdpo_fast unit_sdpa \
     --results "$OUT" 2>&1 | tee "$OUT/step.log"
-  python3 -m benchmarks.step --model llava-1.5-7b --loss_weights 1 0 0 --results "$OUT" 2>&1 | tee -a "$OUT/step.log"
-  python3 -m benchmarks.step --model qwen2.5-vl-3b --profile --results "$OUT" 2>&1 | tee -a "$OUT/step.log"
+  python3 -m benchmarks.step --model llava-1.5-7b --loss_weights 1 0 0 --providers published mdpo_fast \
+    --results "$OUT" 2>&1 | tee -a "$OUT/step.log"
+  python3 -m benchmarks.step --model qwen2.5-vl-3b --profile --providers published mdpo_fast --results "$OUT" 2>&1 \
+    | tee -a "$OUT/step.log"
 fi
