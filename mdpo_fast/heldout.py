@@ -165,11 +165,21 @@ def reference_swap(trainer, dataset, logps: SetLogps | None = None) -> tuple:
         metrics = {}
         if len(swap):
             if logps is None:
-                logps = trainer.branch_logps(dataset, 1, policy=False)
+                logps = cached_reference(dataset) or trainer.branch_logps(dataset, 1, policy=False)
             ref = trainer.branch_logps(swap, 1, policy=False)
             metrics = swap_metrics(logps.indices, logps.reference[:, 0], ref.indices, ref.reference[:, 0])
         trainer.image_swaps[id(dataset)] = swap, {f"ref_{k}": v for k, v in metrics.items()}
     return trainer.image_swaps[id(dataset)]
+
+
+def cached_reference(dataset) -> SetLogps | None:
+    """The set's reference log-probs from its precomputed cache, without a pass over its images; None if uncached."""
+    if dataset.ref_logps is None:
+        return None
+    indices = getattr(dataset.examples, "indices", None)
+    indices = torch.as_tensor(indices if indices is not None else [ex.index for ex in dataset.examples])
+    reference = torch.stack([dataset.ref_logps[int(i)] for i in indices])
+    return SetLogps(indices, reference, reference)
 
 
 def swap_metrics(indices, own, swap_indices, swapped) -> dict[str, float]:

@@ -11,7 +11,7 @@ from mdpo_fast.cli import parse_config, run_training, summary
 from mdpo_fast.data import prepare_dataset
 from mdpo_fast.demo_data import demo_records
 from mdpo_fast.families import family_for
-from mdpo_fast.heldout import SwapDataset, image_key, split_rows, swap_partners
+from mdpo_fast.heldout import SwapDataset, cached_reference, image_key, split_rows, swap_partners
 from mdpo_fast.layout_check import plain_logps
 from mdpo_fast.modeling import prepare_model, sequence_logps
 from mdpo_fast.tiny import build_tiny_model
@@ -127,6 +127,9 @@ def test_before_training_the_policy_is_the_reference(tmp_path):
         trainer = MDPOTrainer(policy, _args(tmp_path / str(packing), packing=packing, eval_split=0.25), train,
                               processor, eval_dataset=held)
         held.ref_logps = precompute_ref_logps(trainer, held)
+        cached, computed = cached_reference(held), trainer.branch_logps(held, 1, policy=False)
+        order = [cached.indices.tolist().index(i) for i in computed.indices.tolist()]
+        torch.testing.assert_close(cached.reference[order, 0], computed.reference[:, 0])  # read, not recomputed
         metrics[packing] = trainer.evaluate()
         held.ref_logps = None
     got = metrics[True]
