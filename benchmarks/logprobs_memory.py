@@ -5,8 +5,8 @@
 
 Each measurement runs in a fresh process: inputs are built, the peak-RSS mark is reset
 (/proc/self/clear_refs), forward + backward run, and the rise of the peak over the baseline is
-reported. On CPU this is the deterministic measure DESIGN.md asks for; GPU memory is measured by the
-GPU benchmark script instead.
+reported. On CPU this is the deterministic measure docs/DESIGN.md ("Performance") asks for; GPU memory is
+measured by the GPU benchmark script instead.
 """
 
 from __future__ import annotations

@@ -73,5 +73,5 @@ class PublishedStepTrainer(MDPOTrainer):
         policy_logps = published_logps(model, inputs)
         a = self.args
         loss, metrics = mdpo_loss(policy_logps, ref_logps, beta=a.beta, anchor=a.anchor, weights=a.loss_weights)
-        self._count(inputs["stats"], live_reference=True)
+        self.count_batch(inputs["stats"], live_reference=True)
         return (loss, metrics) if return_outputs else loss

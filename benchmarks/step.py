@@ -37,8 +37,8 @@ LAYOUT = {
     "padded": {"packing": False, "precompute_ref_logps": False},
     "mdpo_fast": {},
     # on request: mdpo_fast with packed rows under one dense SDPA mask, or attended unit by unit (the CPU default)
-    "dense_sdpa": {},
-    "unit_sdpa": {},
+    "dense_sdpa": {"packed_attention": "dense"},
+    "unit_sdpa": {"packed_attention": "units"},
 }
 
 
@@ -71,13 +71,14 @@ def _random_bf16(model_cls, config, device: str):
     """Random weights made straight on `device` in bf16 (no fp32 copy on the host first)."""
     import torch
 
-    config._attn_implementation = "sdpa"
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):
-            return model_cls(config)
+            model = model_cls(config)
     finally:
         torch.set_default_dtype(torch.float32)
+    model.set_attn_implementation("sdpa")
+    return model
 
 
 def build_llava_7b(device: str):
@@ -129,7 +130,6 @@ def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int
     from mdpo_fast.cli import parse_config
     from mdpo_fast.data import prepare_dataset
     from mdpo_fast.modeling import prepare_model
-    from mdpo_fast.ref_cache import precompute_ref_logps
     from mdpo_fast.tiny import build_processor, build_tiny_model
     from mdpo_fast.trainer import MDPOTrainer
 
@@ -150,19 +150,14 @@ def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int
     args = parse_config([], {
         "output_dir": out_dir, "use_cpu": not gpu, "max_steps": warmup + steps, "bf16": gpu,
         "per_device_train_batch_size": batch_size, "learning_rate": 1e-4, "lora_r": 64 if gpu else 16,
-        "lora_alpha": 128 if gpu else 32, "save_strategy": "no", "logging_steps": 10_000, "report_to": "none",
+        # every step logs its token count (outside the timed span: Trainer logs after on_step_end)
+        "lora_alpha": 128 if gpu else 32, "save_strategy": "no", "logging_steps": 1, "report_to": "none",
         "disable_tqdm": True, "max_length": 2048 if gpu else 1024, "loss_weights": list(loss_weights),
         **LAYOUT[provider],
     })
     records = length_mix_records(n, image_size=image_size, **lengths)
     dataset = prepare_dataset(args, processor, records=records, source="length mix")
     policy, reference = prepare_model(model, args)
-    if provider in ("dense_sdpa", "unit_sdpa"):
-        import mdpo_fast.trainer
-        from mdpo_fast.modeling import set_unit_attention
-
-        unit = provider == "unit_sdpa"
-        mdpo_fast.trainer.use_unit_attention = lambda model, device: unit and set_unit_attention(model) is None
     cls = PublishedStepTrainer if provider in ("published", "trl_dpo") else MDPOTrainer
     trainer = cls(policy, args, dataset, processor, reference_model=reference)
     precompute_s = 0.0
@@ -172,10 +167,10 @@ def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int
     check_s = time.perf_counter() - start
     if args.precompute_ref_logps:
         start = time.perf_counter()
-        dataset.ref_logps = precompute_ref_logps(trainer)
+        trainer.precompute_reference()
         precompute_s = time.perf_counter() - start
 
-    times, tokens = [], []
+    times = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *_, **__):
@@ -188,12 +183,12 @@ def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int
     profiler = _profile_after(trainer, warmup, gpu) if profile else None
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    real_count = trainer._count
-    passes = []  # model passes over token positions: policy forward + backward (2) and live reference forward (1)
-    trainer._count = lambda stats, live_reference: (
-        tokens.append((stats.tokens + stats.padding) * (2 if live_reference else 1)),
-        passes.append((stats.tokens + stats.padding) * (3 if live_reference else 2)), real_count(stats, live_reference))
     trainer.train()
+    # token positions through the model per step (logged), and model passes over them: policy forward + backward
+    # (2) and, where live, the reference forward (1)
+    tokens = [entry["tokens/model"] for entry in trainer.state.log_history if "tokens/model" in entry]
+    live = not args.precompute_ref_logps or cls is PublishedStepTrainer
+    passes = [t * (3 / 2 if live else 2) for t in tokens]
     measured = sorted(times[warmup:])
     step_s = measured[len(measured) // 2]
     row = {

@@ -127,16 +127,6 @@ def run_training(args, model=None, processor=None, records=None, source=None):
         model=model, args=args, train_dataset=dataset, processing_class=processor, reference_model=reference,
         eval_dataset=eval_dataset,
     )
-    if args.precompute_ref_logps:
-        from mdpo_fast.ref_cache import precompute_ref_logps
-
-        dataset.ref_logps = precompute_ref_logps(trainer)
-        if eval_dataset is not None:
-            from mdpo_fast.heldout import reference_swap
-
-            eval_dataset.ref_logps = precompute_ref_logps(trainer, eval_dataset)
-            reference_swap(trainer, eval_dataset)  # while a full fine-tuning run still holds its reference
-        trainer.reference_model = None  # no longer needed: frees the full fine-tuning copy
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.save_state()

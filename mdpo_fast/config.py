@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from mdpo_fast.corruption import AREA, RATIO
+from mdpo_fast.corruption import AREA, RATIO, check_corruption
 from mdpo_fast.ops.loss import check_loss_options, num_branches
 
 
@@ -108,6 +108,12 @@ class MDPOConfig(TrainingArguments):
                   "With dense attention masks (sdpa on GPU, eager) rows are as wide as costs least, weighing the "
                   "padding of short rows against the masked-out attention work of long ones."},
     )
+    packed_attention: str = field(
+        default="auto",
+        metadata={"help": "With packing and sdpa: units (one SDPA call per unit: no mask between units is built or "
+                  "computed), dense (one mask per row), or auto (units on CPU; dense on GPU until units are measured "
+                  "there)."},
+    )
     precompute_ref_logps: bool = field(
         default=True,
         metadata={"help": "Compute the reference log-probs of every example once before training (kept in "
@@ -141,15 +147,14 @@ class MDPOConfig(TrainingArguments):
             self.eval_strategy = "steps"  # a held-out set is there to be evaluated
         super().__post_init__()
         self.loss_weights = list(check_loss_options(self.beta, self.loss_weights))
-        for name in ("corruption_area", "corruption_ratio"):
-            value = getattr(self, name)
-            if len(value) != 2 or not 0 < value[0] <= value[1]:
-                raise ValueError(f"{name} must be two numbers 0 < low <= high, got {value}")
-        if self.corruption_area[1] > 1:
-            raise ValueError(f"corruption_area must lie in (0, 1], got {self.corruption_area}")
+        check_corruption(self.corruption_area, self.corruption_ratio)
         if self.packing and self.prefix_sharing and self.attn_implementation.startswith("flash_attention"):
             raise ValueError("prefix_sharing needs a mask flash-attn varlen cannot express: use --prefix_sharing "
                              "false with flash_attention_2, or --attn_implementation flex_attention")
+        if self.packed_attention not in ("auto", "units", "dense"):
+            raise ValueError(f"packed_attention must be auto, units or dense, got {self.packed_attention!r}")
+        if self.packed_attention == "units" and self.attn_implementation != "sdpa":
+            raise ValueError("--packed_attention units runs SDPA unit by unit: it needs --attn_implementation sdpa")
         if self.max_tokens_per_batch < 2:
             raise ValueError(f"max_tokens_per_batch must be at least 2, got {self.max_tokens_per_batch}")
         if self.max_length < 2:

@@ -1,4 +1,5 @@
-"""The corrupted image m' of DESIGN.md: a random resized crop, a pure function of (seed, example index)."""
+"""The corrupted image m' (docs/DESIGN.md, "The corrupted image"): a random resized crop, a pure function of
+(seed, example index)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,21 @@ AREA = (0.01, 0.2)  # fraction of the image area the crop keeps
 RATIO = (3 / 4, 4 / 3)  # crop aspect ratio (width / height), drawn log-uniformly
 
 
+def check_corruption(area, ratio) -> None:
+    """Refuse a crop range no crop can have: checked where a run's settings enter (`MDPOConfig`,
+    `PreferenceDataset`), not per image."""
+    for name, value in (("corruption_area", area), ("corruption_ratio", ratio)):
+        if len(value) != 2 or not 0 < value[0] <= value[1]:
+            raise ValueError(f"{name} must be two numbers 0 < low <= high, got {tuple(value)}")
+    if area[1] > 1:
+        raise ValueError(f"corruption_area must lie in (0, 1], got {tuple(area)}")
+
+
 def corruption_box(
     width: int, height: int, seed: int, index: int, area=AREA, ratio=RATIO
 ) -> tuple[int, int, int, int]:
-    """`(left, top, crop_width, crop_height)` of the crop for example `index` under `seed`."""
-    if not (0 < area[0] <= area[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
-        raise ValueError(f"corruption area {area} must lie in (0, 1] and ratio {ratio} be positive, low <= high")
+    """`(left, top, crop_width, crop_height)` of the crop for example `index` under `seed` (`area` and `ratio` as
+    `check_corruption` accepts them)."""
     rng = np.random.default_rng([seed, index])
     total = width * height
     for _ in range(10):

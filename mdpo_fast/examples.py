@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mdpo_fast.corruption import AREA, RATIO, corrupt_image
+from mdpo_fast.corruption import AREA, RATIO, check_corruption, corrupt_image
 from mdpo_fast.families.base import Family, image_prompt
 from mdpo_fast.records import RECORD_ERRORS, DataError, Record, check_image, load_image, problem_line
 
@@ -218,6 +218,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
                  corrupted: bool = True):
         if not examples:
             raise DataError(["no usable examples"])
+        check_corruption(area, ratio)
         self.examples = examples  # a list, or an ExampleTable (memory-mapped)
         indices = getattr(examples, "indices", None)
         indices = np.array([ex.index for ex in examples]) if indices is None else indices

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -64,19 +65,23 @@ def load_pretrained(args) -> nn.Module:
     )
 
 
-def use_unit_attention(model: nn.Module, device: torch.device) -> bool:
-    """Packed rows with SDPA on CPU attend unit by unit (`set_unit_attention`); True if they will. On GPU dense
-    SDPA stays until measured against it there (`benchmarks/step.py`'s `unit_sdpa`)."""
-    if unwrap(model).config.get_text_config()._attn_implementation != "sdpa" or device.type != "cpu":
-        return False
-    set_unit_attention(model)
-    return True
+def attention_implementation(model: nn.Module) -> str:
+    """The decoder's attention implementation (transformers keeps it private on the text config): read here only."""
+    return unwrap(model).config.get_text_config()._attn_implementation
 
 
-def set_unit_attention(model: nn.Module) -> None:
-    """The decoder's attention becomes the registered unit SDPA (`unit_attention`), which is SDPA itself for every
-    call without a packed batch's layout."""
-    unwrap(model).set_attn_implementation({"text_config": unit_attention.NAME})
+def choose_packed_attention(model: nn.Module, choice: str, device: torch.device) -> str:
+    """Packed rows' attention, decided once per model (by the trainer): with SDPA, unit by unit (`unit_attention`;
+    `choice` "units", or "auto" on CPU; on GPU dense SDPA stays until measured against it there, `benchmarks/
+    step.py`'s `unit_sdpa`) or one dense mask per row. Sets the model's implementation; returns it."""
+    impl = attention_implementation(model)
+    sdpa = impl in ("sdpa", unit_attention.NAME)  # a model an earlier trainer switched is still SDPA
+    units = choice == "units" or (choice == "auto" and device.type == "cpu")
+    if choice == "units" and not sdpa:
+        raise ValueError(f"packed_attention units runs SDPA unit by unit; this model's attention is {impl}")
+    if sdpa:
+        unwrap(model).set_attn_implementation({"text_config": unit_attention.NAME if units else "sdpa"})
+    return attention_implementation(model)
 
 
 def load_model(args) -> tuple[nn.Module, nn.Module | None]:
@@ -137,11 +142,18 @@ def last_hidden_states(model: nn.Module, inputs: dict) -> torch.Tensor:
     return captured[0]
 
 
-def padded_answer_tokens(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Hidden states of the tokens that predict answer tokens, of a `PaddedCollator` batch (rows branch-major).
+class AnswerTokens(NamedTuple):
+    """A batch's answer tokens, every branch of every example, as the fused loss takes them: `hidden [M, H]`, the
+    final hidden states of the tokens that predict them, `labels [M]`, `segment_ids [M]` (`3 * example + branch`)."""
 
-    Returns `(hidden [M, H], labels [M], segment_ids [M], num_examples)`, as the fused loss takes them.
-    """
+    hidden: torch.Tensor
+    labels: torch.Tensor
+    segment_ids: torch.Tensor
+    num_examples: int
+
+
+def padded_answer_tokens(model: nn.Module, batch: dict) -> AnswerTokens:
+    """The `AnswerTokens` of a `PaddedCollator` batch (rows branch-major)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **image_inputs(batch),
               **batch.get("text_inputs", {})}
     hidden = last_hidden_states(model, inputs)[:, :-1]  # position t predicts token t + 1
@@ -150,14 +162,14 @@ def padded_answer_tokens(model: nn.Module, batch: dict) -> tuple[torch.Tensor, t
     rows, num_examples = labels.shape[0], batch["example_index"].shape[0]  # B rows per branch built
     row = torch.arange(rows, device=labels.device)[:, None].expand_as(labels)[answer]
     segment_ids = NUM_BRANCHES * (row % num_examples) + row // num_examples
-    return hidden[answer], labels[answer], segment_ids, num_examples
+    return AnswerTokens(hidden[answer], labels[answer], segment_ids, num_examples)
 
 
-def sequence_logps(model: nn.Module, hidden, labels, segment_ids, num_examples: int) -> torch.Tensor:
-    """`[B, 3]` summed answer log-probs from `answer_tokens`-style outputs, through the model's LM head."""
+def sequence_logps(model: nn.Module, tokens: AnswerTokens) -> torch.Tensor:
+    """`[B, 3]` summed answer log-probs of a batch's `AnswerTokens`, through the model's LM head."""
     weight, bias = lm_head(model)
-    token_logps = linear_token_logprobs(hidden, weight, labels, bias=bias, softcap=logit_softcap(model))
-    return segment_logps(token_logps, segment_ids, num_examples)
+    token_logps = linear_token_logprobs(tokens.hidden, weight, tokens.labels, bias=bias, softcap=logit_softcap(model))
+    return segment_logps(token_logps, tokens.segment_ids, tokens.num_examples)
 
 
 def logit_softcap(model: nn.Module) -> float | None:
@@ -216,7 +228,7 @@ def packed_attention(model: nn.Module, batch: dict, dtype: torch.dtype):
     (unit attention's `unit_layout`)."""
     config = unwrap(model).config
     text = config.get_text_config()
-    impl = text._attn_implementation
+    impl = attention_implementation(model)
     layout = dict(units=batch["unit_ids"], roles=batch["roles"], positions=batch["position_ids"],
                   groups=batch.get("groups"), window_limits_groups=family_for(config).window_limits_groups)
 
@@ -246,12 +258,12 @@ def packed_attention(model: nn.Module, batch: dict, dtype: torch.dtype):
     return mask, ({} if units is None else {"unit_layout": units})
 
 
-def packed_answer_tokens(model: nn.Module, batch: dict, features):
-    """As `padded_answer_tokens`, for a `PackedCollator` batch and its `image_features`: the model's own forward
-    places the features and runs the decoder with the packed rows' positions and attention."""
+def packed_answer_tokens(model: nn.Module, batch: dict, features) -> AnswerTokens:
+    """The `AnswerTokens` of a `PackedCollator` batch and its `image_features`: the model's own forward places the
+    features and runs the decoder with the packed rows' positions and attention."""
     base = unwrap(model)
     input_ids = batch["input_ids"]
-    impl = base.config.get_text_config()._attn_implementation
+    impl = attention_implementation(model)
     positions = batch["position_ids"] + family_for(base.config).position_offset
     rope = batch.get("rope_position_ids")  # [axes, R, L]: the positions of M-RoPE models
     if impl.startswith("flash_attention"):
@@ -271,4 +283,4 @@ def packed_answer_tokens(model: nn.Module, batch: dict, features):
     if features is not None:
         inputs["mm_encoder_outputs"] = {"image": features}
     hidden = last_hidden_states(model, inputs).flatten(0, 1)[batch["predictor_index"]]
-    return hidden, batch["target_ids"], batch["segment_ids"], batch["example_index"].shape[0]
+    return AnswerTokens(hidden, batch["target_ids"], batch["segment_ids"], batch["example_index"].shape[0])

@@ -21,7 +21,9 @@ rejected answer sees the prefix as in its own sequence) and the family's bidirec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -33,45 +35,44 @@ from mdpo_fast.ops.loss import CHOSEN, CORRUPTED, NUM_BRANCHES, REJECTED
 PREFIX, FIRST_ANSWER, SECOND_ANSWER = 0, 1, 2
 
 
-@dataclass
-class _Row:
-    ids: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    rope: list[torch.Tensor] = field(default_factory=list)  # [axes, n] pieces, for M-RoPE models
-    units: list[int] = field(default_factory=list)
-    roles: list[int] = field(default_factory=list)
+class Unit(NamedTuple):
+    """One sequence of the packed layout: an example's image + prompt prefix and the answers that follow it, each
+    `(answer_ids, branch)`; `image` names the item entry ("image" or "corrupted_image") its placeholders show."""
+
+    prefix: Sequence[int]
+    image: str
+    answers: list[tuple[Sequence[int], int]]
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + sum(len(answer) for answer, _ in self.answers)
 
 
-def example_units(ex, prefix_sharing: bool, num_branches: int = NUM_BRANCHES) -> list[tuple]:
-    """`(prefix_ids, image ("image" | "corrupted_image"), [(answer_ids, branch), ...])` per unit: chosen, then
-    rejected with `num_branches` >= 2 and the corrupted-image unit with 3."""
+def example_units(ex, prefix_sharing: bool, num_branches: int = NUM_BRANCHES) -> list[Unit]:
+    """The example's units: chosen, then rejected with `num_branches` >= 2 (after chosen in one unit with a shared
+    prefix) and the corrupted-image unit with 3."""
     if num_branches == 1:
-        units = [(ex.prompt_ids, "image", [(ex.chosen_ids, CHOSEN)])]
+        units = [Unit(ex.prompt_ids, "image", [(ex.chosen_ids, CHOSEN)])]
     elif prefix_sharing:
-        units = [(ex.prompt_ids, "image", [(ex.chosen_ids, CHOSEN), (ex.rejected_ids, REJECTED)])]
+        units = [Unit(ex.prompt_ids, "image", [(ex.chosen_ids, CHOSEN), (ex.rejected_ids, REJECTED)])]
     else:
-        units = [(ex.prompt_ids, "image", [(ex.chosen_ids, CHOSEN)]),
-                 (ex.prompt_ids, "image", [(ex.rejected_ids, REJECTED)])]
+        units = [Unit(ex.prompt_ids, "image", [(ex.chosen_ids, CHOSEN)]),
+                 Unit(ex.prompt_ids, "image", [(ex.rejected_ids, REJECTED)])]
     if num_branches > CORRUPTED:
-        units.append((ex.prompt_ids, "corrupted_image", [(ex.chosen_ids, CORRUPTED)]))
+        units.append(Unit(ex.prompt_ids, "corrupted_image", [(ex.chosen_ids, CORRUPTED)]))
     return units
-
-
-def unit_length(unit) -> int:
-    prefix, _, answers = unit
-    return len(prefix) + sum(len(a) for a, _ in answers)
 
 
 def packed_length(ex, prefix_sharing: bool = True, num_branches: int = NUM_BRANCHES) -> int:
     """Tokens the example puts through the model in the packed layout."""
-    return sum(unit_length(u) for u in example_units(ex, prefix_sharing, num_branches))
+    return sum(unit.length for unit in example_units(ex, prefix_sharing, num_branches))
 
 
 def rows_too_long(examples, max_tokens: int, prefix_sharing: bool, num_branches: int = NUM_BRANCHES) -> list[str]:
     """One line per example whose longest unit cannot fit a row of `max_tokens` tokens."""
     problems = []
     for ex in examples:
-        need = max(unit_length(u) for u in example_units(ex, prefix_sharing, num_branches))
+        need = max(unit.length for unit in example_units(ex, prefix_sharing, num_branches))
         if need > max_tokens:
             problems.append(f"example {ex.index} needs {need} tokens in one row, over max_tokens_per_batch="
                             f"{max_tokens}; raise max_tokens_per_batch or lower max_length")
@@ -180,6 +181,52 @@ def block_mask(units: torch.Tensor, roles: torch.Tensor, **layout):
     return create_block_mask(mask_rule(units, roles, **layout), rows, None, length, length, device=units.device)
 
 
+class PlannedUnit(NamedTuple):
+    """A unit in a step's plan: its number (its tokens' unit id), the item it belongs to, the unit."""
+
+    number: int
+    example_no: int
+    unit: Unit
+
+
+@dataclass
+class _Row:
+    """One packed row as it is filled: per token its id, 1-D position, unit and role (M-RoPE positions in pieces),
+    and per answer token the column predicting it, its id and its segment."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    rope: list[torch.Tensor] = field(default_factory=list)  # [axes, n] pieces, for M-RoPE models
+    units: list[int] = field(default_factory=list)
+    roles: list[int] = field(default_factory=list)
+    predictors: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    segments: list[int] = field(default_factory=list)
+
+    def place(self, planned: PlannedUnit, rope: tuple[torch.Tensor, int] | None) -> None:
+        """Append a unit: its prefix, then each answer positioned right after the prefix (`rope`: the family's
+        multi-axis positions of the prefix and the position answers continue from, or None)."""
+        prefix, _, answers = planned.unit
+        start = len(self.ids)
+        self.ids += prefix
+        self.positions += range(len(prefix))
+        self.roles += [PREFIX] * len(prefix)
+        if rope is not None:
+            self.rope.append(rope[0])
+        for k, (answer, branch) in enumerate(answers):
+            col = len(self.ids)
+            self.ids += answer
+            self.positions += range(len(prefix), len(prefix) + len(answer))
+            if rope is not None:
+                self.rope.append(torch.arange(rope[1], rope[1] + len(answer)).expand(rope[0].shape[0], -1))
+            self.roles += [FIRST_ANSWER if k == 0 else SECOND_ANSWER] * len(answer)
+            # token j of the answer is predicted by token j-1, the first one by the prefix's last token
+            self.predictors += [start + len(prefix) - 1] + [col + j for j in range(len(answer) - 1)]
+            self.targets += answer
+            self.segments += [NUM_BRANCHES * planned.example_no + branch] * len(answer)
+        self.units += [planned.number] * (len(self.ids) - start)
+
+
 class PackedCollator:
     """Packs a step's examples (their first `num_branches` branches) into rows of at most `max_tokens_per_batch`
     tokens. With `dense_hidden_size` (the decoder's width, for SDPA or eager attention with a dense mask) the rows
@@ -203,72 +250,63 @@ class PackedCollator:
                                  self.num_branches)
         if problems:
             raise ValueError("; ".join(problems))
-        units = []  # (example_no, image inputs, (prefix, image, answers))
-        for example_no, item in enumerate(items):
-            for unit in example_units(item["example"], self.prefix_sharing, self.num_branches):
-                units.append((example_no, item[unit[1]], unit))
-        assignment = pack_rows([unit_length(u[2]) for u in units], self.max_tokens, self.dense_hidden_size)
-        rows = [_Row() for _ in assignment]
-        placed, predictor, targets, segments = [], [], [], []  # predictor: (row, column) until stacked
-        for r, (row, row_units) in enumerate(zip(rows, assignment, strict=True)):
-            for u in row_units:
-                example_no, image, (prefix, _, answers) = units[u]
-                if self.image_token_id in prefix:
-                    placed.append(image)
-                start = len(row.ids)
-                row.ids += prefix
-                row.positions += range(len(prefix))
-                row.roles += [PREFIX] * len(prefix)
-                rope = self.family.rope_positions(prefix, image, self.config)
-                if rope is not None:
-                    row.rope.append(rope[0])
-                for k, (answer, branch) in enumerate(answers):
-                    col = len(row.ids)
-                    row.ids += answer
-                    row.positions += range(len(prefix), len(prefix) + len(answer))
-                    if rope is not None:
-                        row.rope.append(torch.arange(rope[1], rope[1] + len(answer)).expand(rope[0].shape[0], -1))
-                    row.roles += [FIRST_ANSWER if k == 0 else SECOND_ANSWER] * len(answer)
-                    # token j of the answer is predicted by token j-1, the first one by the prefix's last token
-                    predictor += [(r, start + len(prefix) - 1)] + [(r, col + j) for j in range(len(answer) - 1)]
-                    targets += answer
-                    segments += [NUM_BRANCHES * example_no + branch] * len(answer)
-                row.units += [u] * (len(row.ids) - start)
+        rows, images = [], []  # images: the inputs of every unit with image placeholders, in row-major order
+        for row_plan in self.plan(items):
+            row = _Row()
+            for planned in row_plan:
+                image = items[planned.example_no][planned.unit.image]
+                if self.image_token_id in planned.unit.prefix:
+                    images.append(image)
+                row.place(planned, self.family.rope_positions(planned.unit.prefix, image, self.config))
+            rows.append(row)
+        batch = self._stack(rows)
+        answer_mask = (batch["roles"] != PREFIX) & (batch["unit_ids"] >= 0)
+        batch["example_index"] = torch.tensor([item["example"].index for item in items])
+        real = sum(len(row.ids) for row in rows)
+        batch["stats"] = BatchStats(real, batch["input_ids"].numel() - real, len(images))
+        batch["text_inputs"] = self.family.text_inputs(batch["input_ids"], answer_mask, self.config)
+        batch["images"] = concat_image_inputs(images) if images else {}
+        groups = self.family.bidirectional_groups(batch["input_ids"], answer_mask, self.config)
+        if groups is not None:
+            batch["groups"] = groups
+        if "ref_logps" in items[0]:
+            batch["ref_logps"] = torch.stack([item["ref_logps"] for item in items])
+        return batch
+
+    def plan(self, items: list[dict]) -> list[list[PlannedUnit]]:
+        """The step's units, numbered, assigned to rows (`pack_rows`)."""
+        units = [(k, unit) for k, item in enumerate(items)
+                 for unit in example_units(item["example"], self.prefix_sharing, self.num_branches)]
+        assignment = pack_rows([unit.length for _, unit in units], self.max_tokens, self.dense_hidden_size)
+        return [[PlannedUnit(u, *units[u]) for u in row] for row in assignment]
+
+    def _stack(self, rows: list[_Row]) -> dict:
+        """The rows as `[R, L]` tensors (padded at their ends), and the answer tokens' flat predictor indices,
+        targets and segment ids in row-major order."""
         width = max(len(row.ids) for row in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        unit_ids = -1 - torch.arange(len(rows) * width).view(len(rows), width)  # padding: a unit of its own
-        roles = torch.zeros((len(rows), width), dtype=torch.long)
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        position_ids, roles = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+        unit_ids = -1 - torch.arange(len(rows) * width).view(shape)  # padding: a unit of its own
         axes = rows[0].rope[0].shape[0] if rows[0].rope else 0
-        rope = torch.zeros((axes, len(rows), width), dtype=torch.long) if axes else None
+        rope = torch.zeros((axes, *shape), dtype=torch.long) if axes else None
         for r, row in enumerate(rows):
             n = len(row.ids)
             input_ids[r, :n] = torch.tensor(row.ids)
             position_ids[r, :n] = torch.tensor(row.positions)
-            if rope is not None:
-                rope[:, r, :n] = torch.cat(row.rope, dim=1)
             unit_ids[r, :n] = torch.tensor(row.units)
             roles[r, :n] = torch.tensor(row.roles)
-        answer_mask = (roles != PREFIX) & (unit_ids >= 0)
-        n_tokens = sum(len(row.ids) for row in rows)
+            if rope is not None:
+                rope[:, r, :n] = torch.cat(row.rope, dim=1)
         batch = {
             "input_ids": input_ids,
             "position_ids": position_ids,
             "unit_ids": unit_ids,  # with roles, positions and groups: the attention layout, a mask on the device
             "roles": roles,
-            "predictor_index": torch.tensor([r * width + c for r, c in predictor]),
-            "target_ids": torch.tensor(targets),
-            "segment_ids": torch.tensor(segments),
-            "example_index": torch.tensor([item["example"].index for item in items]),
-            "stats": BatchStats(n_tokens, input_ids.numel() - n_tokens, len(placed)),
-            "text_inputs": self.family.text_inputs(input_ids, answer_mask, self.config),
-            "images": concat_image_inputs(placed) if placed else {},
+            "predictor_index": torch.tensor([r * width + c for r, row in enumerate(rows) for c in row.predictors]),
+            "target_ids": torch.tensor([t for row in rows for t in row.targets]),
+            "segment_ids": torch.tensor([s for row in rows for s in row.segments]),
         }
-        groups = self.family.bidirectional_groups(input_ids, answer_mask, self.config)
-        if groups is not None:
-            batch["groups"] = groups
         if rope is not None:
             batch["rope_position_ids"] = rope
-        if "ref_logps" in items[0]:
-            batch["ref_logps"] = torch.stack([item["ref_logps"] for item in items])
         return batch

@@ -1,6 +1,6 @@
 """Layer 1: preference records from JSON / JSONL files or Hugging Face datasets, validated into one type.
 
-Formats (DESIGN.md): mDPO `img_path, prompt, chosen, rejected`; TRL `images, prompt, chosen,
+Formats (docs/DESIGN.md, "Layers"): mDPO `img_path, prompt, chosen, rejected`; TRL `images, prompt, chosen,
 rejected` (plain strings or conversational messages); RLAIF-V `image, question, chosen, rejected`.
 """
 

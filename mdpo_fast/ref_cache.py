@@ -1,4 +1,5 @@
-"""Reference log-probs computed once before training, kept in the output directory, read back each step.
+"""Reference log-probs computed once before training, kept in the output directory, read back each step
+(`MDPOTrainer.precompute_reference` drives it).
 
 Possible because the corrupted image is a pure function of (seed, example index): each example's
 three reference sums never change. Parts are written atomically as they are computed, so an
@@ -56,39 +57,21 @@ class RefLogpStore:
         self.values.update(zip(indices.tolist(), logps.detach().float().cpu().unbind(), strict=True))
 
 
-def precompute_ref_logps(trainer, dataset=None) -> dict[int, torch.Tensor]:
-    """Fill the store for every example of `dataset` (default: the training set) missing from it; returns all
-    values.
-
-    With several processes each computes an equal share, then all read the whole store.
-    """
-    args = trainer.args
-    training = dataset is None
-    dataset = trainer.train_dataset if training else dataset
-    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-        raise ValueError("precompute_ref_logps runs before DeepSpeed / FSDP place the model: use "
-                         "--precompute_ref_logps false there (the reference is then computed each step)")
-    trainer.check_layout()  # nothing is cached from a layout that disagrees with the model's own forward
-    directory = Path(args.output_dir) / "ref_logps" / fingerprint(args, dataset.examples)
-    store = RefLogpStore(directory, args.process_index)
-    # In the first epoch's step order (a held-out set: in evaluation's order and batches): with one process the
-    # reference sees the same rows as the policy will, so at step 1 (policy == reference) the rewards are exact
-    # zeros, as with a live reference.
-    order = list(trainer._get_train_sampler()) if training else range(len(dataset))
-    missing = [i for i in order if dataset.examples[i].index not in store.values][args.process_index::args.world_size]
-    trainer.accelerator.wait_for_everyone()  # every process splits the same list before any writes a part
+def precompute(dataset, order, directory: Path, accelerator, make_loader, logps, desc: str) -> dict[int, torch.Tensor]:
+    """The reference log-probs of every example of `dataset`, read from the store in `directory` where present,
+    the rest computed in `order` (dataset positions) and stored as they come. `make_loader(positions)` gives the
+    batches of the positions this process computes (each process an equal share); `logps(batch)` gives their
+    `(example indices [b], log-probs [b, 3])`. Returns every example's values."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    store = RefLogpStore(directory, rank)
+    missing = [i for i in order if dataset.examples[i].index not in store.values][rank::world]
+    accelerator.wait_for_everyone()  # every process splits the same list before any writes a part
     if store.values:
-        logger.info("reference log-probs: %d cached, %d to compute", len(store.values), len(missing))
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, missing),
-        batch_size=args.per_device_train_batch_size if training else args.per_device_eval_batch_size,
-        collate_fn=trainer.data_collator, num_workers=args.dataloader_num_workers,
-    )
+        logger.info("%s: %d cached, %d to compute", desc, len(store.values), len(missing))
     from tqdm.auto import tqdm
 
-    for batch in tqdm(loader, desc="reference log-probs" + ("" if training else " (held out)"), unit="batch",
-                      disable=not trainer.is_world_process_zero() or len(loader) < 8):
-        batch = trainer._prepare_inputs(batch)
-        store.add(batch["example_index"], trainer.reference_logps(batch))
-    trainer.accelerator.wait_for_everyone()
-    return RefLogpStore(directory).values if args.world_size > 1 else store.values
+    loader = make_loader(missing)
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_main_process or len(loader) < 8):
+        store.add(*logps(batch))
+    accelerator.wait_for_everyone()
+    return RefLogpStore(directory).values if world > 1 else store.values

@@ -115,11 +115,11 @@ def build_tiny_model(processor=None, *, family: str = "llava", hidden_size: int 
     )
     adapter = _family(family)
     config = adapter.tiny_config(processor, text)
-    config._attn_implementation = adapter.tiny_attn_implementation
     torch.manual_seed(seed)
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_config(config).eval()
+    model = AutoModelForImageTextToText.from_config(config, attn_implementation=adapter.tiny_attn_implementation)
+    model.eval()
     adapter.tiny_init(model)
     return model, processor
 

@@ -1,5 +1,6 @@
-"""Layer 6: `transformers.Trainer` drives the loop; this subclass adds the batch layout, the loss and its metrics,
-the held-out evaluation, a stop before the optimizer step on a non-finite loss, and checkpoints written whole."""
+"""Layer 6: `transformers.Trainer` drives the loop; this subclass adds the batch layout (and the packed rows'
+attention, decided once), the reference log-probs (precomputed once or live), the loss and its metrics, the
+held-out evaluation, a stop before the optimizer step on a non-finite loss, and checkpoints written whole."""
 
 from __future__ import annotations
 
@@ -8,17 +9,21 @@ import logging
 import os
 import shutil
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import transformers.trainer as hf_trainer
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from mdpo_fast import ref_cache
 from mdpo_fast.collate import BatchStats, PaddedCollator
 from mdpo_fast.families.base import family_for, image_token_id, packed_layout_refusal
-from mdpo_fast.heldout import SetLogps, heldout_metrics
+from mdpo_fast.heldout import SetLogps, heldout_metrics, reference_swap
 from mdpo_fast.layout_check import LayoutMismatchError, check_layout
 from mdpo_fast.modeling import (
+    AnswerTokens,
+    choose_packed_attention,
     image_features,
     lm_head,
     logit_softcap,
@@ -27,7 +32,6 @@ from mdpo_fast.modeling import (
     reference_context,
     sequence_logps,
     unwrap,
-    use_unit_attention,
 )
 from mdpo_fast.ops.fused_loss import fused_linear_mdpo_loss
 from mdpo_fast.ops.loss import IMAGELESS_METRICS, METRIC_NAMES, NUM_BRANCHES
@@ -49,7 +53,8 @@ class MDPOTrainer(Trainer):
     Args:
         model: the policy; a peft model whose adapters are switched off for the reference, unless
             `reference_model` is given (full fine-tuning).
-        args: an `MDPOConfig`; `packing`, `prefix_sharing`, `max_tokens_per_batch` choose the layout.
+        args: an `MDPOConfig`; `packing`, `prefix_sharing`, `max_tokens_per_batch`, `packed_attention` choose the
+            layout; with `precompute_ref_logps`, `train()` first runs `precompute_reference()`.
         train_dataset: a `PreferenceDataset` (see `prepare_dataset`).
         processing_class: the model's processor; saved with every checkpoint.
     """
@@ -67,11 +72,12 @@ class MDPOTrainer(Trainer):
         if args.num_branches == NUM_BRANCHES and not train_dataset.corrupted:
             raise ValueError("the training set was prepared without corrupted images, which this run's loss_weights "
                              "(or imageless_metrics) need: prepare it with the same configuration")
+        # what the batch layout needs (`collator`), decided here once
+        self.pad_token_id, self.model_config, self.packed_attention = pad_id, config, None
         if args.packing:
             for m in (model, reference_model):
                 if m is not None:
-                    use_unit_attention(m, args.device)
-        self._layout = (pad_id, config)
+                    self.packed_attention = choose_packed_attention(m, args.packed_attention, args.device)
         kwargs.setdefault("data_collator", self.collator(args, args.num_branches))
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs
@@ -89,16 +95,17 @@ class MDPOTrainer(Trainer):
         if reference_model is not None:
             reference_model.to(self.args.device)
         self.layout_checked = False
+        self.reference_precomputed = False
         self.loss_is_scaled_for_ga = False  # the loss is a per-example mean: Trainer divides by accumulation steps
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.image_swaps: dict[int, tuple] = {}  # per held-out set: its swap dataset and the reference's metrics
 
     def collator(self, args, num_branches: int):
         """The batch layout `args` chooses (packed or padded rows) for the first `num_branches` branches."""
-        pad_id, config = self._layout
+        pad_id, config = self.pad_token_id, self.model_config
         if not args.packing:
             return PaddedCollator(pad_id, self.family, config, num_branches)
-        dense = config.get_text_config()._attn_implementation in ("sdpa", "eager")  # masked work still done
+        dense = self.packed_attention in ("sdpa", "eager")  # one mask per row: masked work still done
         return PackedCollator(pad_id, image_token_id(config), args.max_tokens_per_batch, args.prefix_sharing,
                               dense_hidden_size=config.get_text_config().hidden_size if dense else None,
                               family=self.family, config=config, num_branches=num_branches)
@@ -125,12 +132,12 @@ class MDPOTrainer(Trainer):
         error = None
         with reference_context(model, self.reference_model):
             target = self.reference_model or model
-            hidden, *rest = self.answer_tokens(target, batch)
-            logps = sequence_logps(target, hidden, *rest)
+            tokens = self.answer_tokens(target, batch)
+            logps = sequence_logps(target, tokens)
             # the compute dtype: mixed precision's (fp32 weights with --bf16: accelerate autocasts the model's
             # forward), else the hidden states' (bf16 weights)
             mixed = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
-            dtype = mixed or hidden.dtype
+            dtype = mixed or tokens.hidden.dtype
             try:
                 check_layout(target, self.processing_class, self.family, self.train_dataset, rows, logps,
                              "packed" if self.args.packing else "padded", dtype, self.args.num_branches)
@@ -143,8 +150,8 @@ class MDPOTrainer(Trainer):
             raise error or LayoutMismatchError("the layout check failed on another process (see its message)")
         self.layout_checked = True
 
-    def answer_tokens(self, model, inputs, features=None):
-        """`(hidden [M, H], labels [M], segment_ids [M], num_examples)` of the batch's answer tokens."""
+    def answer_tokens(self, model, inputs, features=None) -> AnswerTokens:
+        """The batch's answer tokens in this run's layout (`features`: the packed batch's images, if encoded)."""
         if not self.args.packing:
             return padded_answer_tokens(model, inputs)
         return packed_answer_tokens(model, inputs, image_features(model, inputs) if features is None else features)
@@ -164,7 +171,7 @@ class MDPOTrainer(Trainer):
                 for batch in loader:
                     features = image_features(model, batch) if self.args.packing else None
                     n = batch["example_index"].shape[0]
-                    mine = sequence_logps(model, *self.answer_tokens(model, batch, features)) if policy else None
+                    mine = sequence_logps(model, self.answer_tokens(model, batch, features)) if policy else None
                     ref = batch.get("ref_logps")
                     if ref is None and reference:
                         ref = self.reference_logps(batch, features)
@@ -189,11 +196,56 @@ class MDPOTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
+    def train(self, *args, **kwargs):
+        """Trainer's `train`, after `precompute_reference` when `precompute_ref_logps` is set."""
+        if self.args.precompute_ref_logps:
+            self.precompute_reference()
+        return super().train(*args, **kwargs)
+
+    def precompute_reference(self) -> None:
+        """The reference log-probs of the training set and of the held-out set computed once, before training:
+        kept in `output_dir/ref_logps/<fingerprint>/` (read back by a rerun or a resumed run, which computes only
+        what an interrupted pass left), then carried by the sets' batches, so no step runs a reference forward.
+        Also the held-out set's image swap of the reference (`heldout.reference_swap`); then a full fine-tuning
+        run's frozen reference copy is let go. Once per trainer."""
+        if self.reference_precomputed:
+            return
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError("precompute_ref_logps runs before DeepSpeed / FSDP place the model: use "
+                             "--precompute_ref_logps false there (the reference is then computed each step)")
+        self.check_layout()  # nothing is cached from a layout that disagrees with the model's own forward
+        args = self.args
+        # Training's in the first epoch's step order, the held-out set's in evaluation's order and batches: with
+        # one process the reference sees the same rows as the policy will, so before the first update (policy ==
+        # reference) the rewards are exact zeros, as with a live reference.
+        sets = [(self.train_dataset, list(self._get_train_sampler()), args.per_device_train_batch_size, "")]
+        if self.eval_dataset is not None:
+            held = self.eval_dataset
+            sets.append((held, range(len(held)), args.per_device_eval_batch_size, " (held out)"))
+
+        def logps(batch):
+            batch = self._prepare_inputs(batch)
+            return batch["example_index"], self.reference_logps(batch)
+
+        for dataset, order, batch_size, which in sets:
+            def make_loader(positions, dataset=dataset, batch_size=batch_size):
+                return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, positions), batch_size=batch_size,
+                                                   collate_fn=self.data_collator,
+                                                   num_workers=args.dataloader_num_workers)
+
+            directory = Path(args.output_dir) / "ref_logps" / ref_cache.fingerprint(args, dataset.examples)
+            dataset.ref_logps = ref_cache.precompute(dataset, order, directory, self.accelerator, make_loader, logps,
+                                                     "reference log-probs" + which)
+        if self.eval_dataset is not None:
+            reference_swap(self, self.eval_dataset)  # while a full fine-tuning run still holds its reference
+        self.reference_model = None  # no longer needed: frees the full fine-tuning copy
+        self.reference_precomputed = True
+
     def reference_logps(self, inputs, features=None) -> torch.Tensor:
         """`[B, 3]` reference log-probs of a batch (used to precompute, and live for full fine-tuning)."""
         with reference_context(self.model, self.reference_model):
             target = self.reference_model or self.model
-            return sequence_logps(target, *self.answer_tokens(target, inputs, features))
+            return sequence_logps(target, self.answer_tokens(target, inputs, features))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:  # a training batch: its examples are the training set's
@@ -203,15 +255,15 @@ class MDPOTrainer(Trainer):
         ref_logps, ref_hidden = inputs.get("ref_logps"), None
         if ref_logps is None and self.reference_model is None:  # LoRA: same LM head, one fused launch
             with reference_context(model, None):
-                ref_hidden = self.answer_tokens(model, inputs, features)[0]
+                ref_hidden = self.answer_tokens(model, inputs, features).hidden
         elif ref_logps is None:
             ref_logps = self.reference_logps(inputs, features)
-        hidden, labels, segment_ids, num_examples = self.answer_tokens(model, inputs, features)
+        tokens = self.answer_tokens(model, inputs, features)
         weight, bias = lm_head(model)
         args = self.args
         loss, metrics = fused_linear_mdpo_loss(
-            hidden, weight, labels, segment_ids, ref_logps, ref_hidden=ref_hidden, bias=bias,
-            num_examples=num_examples, beta=args.beta, anchor=args.anchor, weights=args.loss_weights,
+            tokens.hidden, weight, tokens.labels, tokens.segment_ids, ref_logps, ref_hidden=ref_hidden, bias=bias,
+            num_examples=tokens.num_examples, beta=args.beta, anchor=args.anchor, weights=args.loss_weights,
             softcap=logit_softcap(model), check_segment_range=False,  # the collators' ids, in range by construction
         )
         # One host sync per step, so a NaN never reaches the weights; every process stops together.
@@ -229,10 +281,12 @@ class MDPOTrainer(Trainer):
         for name in METRIC_NAMES:  # the corrupted-image branch's only when it was built
             if args.num_branches == NUM_BRANCHES or name not in IMAGELESS_METRICS:
                 self._metrics[name].append(metrics[name])
-        self._count(inputs["stats"], live_reference="ref_logps" not in inputs)
+        self.count_batch(inputs["stats"], live_reference="ref_logps" not in inputs)
         return (loss, metrics) if return_outputs else loss
 
-    def _count(self, stats: BatchStats, live_reference: bool) -> None:
+    def count_batch(self, stats: BatchStats, live_reference: bool) -> None:
+        """A step's work, logged as `tokens/model` (token positions through the language model, both forwards),
+        `tokens/padding_share` and `images/encoded`."""
         forwards = 2 if live_reference else 1
         positions = stats.tokens + stats.padding
         self._metrics["tokens/model"].append(torch.tensor(float(positions * forwards)))

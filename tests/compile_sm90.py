@@ -46,6 +46,36 @@ def compile_one(kernel, types: dict, constexprs: dict, num_warps: int, num_stage
     return {"shared_bytes": compiled.metadata.shared, **_resources(compiled.asm["cubin"])}
 
 
+# Arguments that change from batch to batch (rows of answer tokens, vocab blocks per program); sizes and strides of
+# the model's hidden states and head are fixed per run.
+PER_BATCH = ("n_rows", "blocks_per_split")
+POINTEE = {"*fp32": torch.float32, "*bf16": torch.bfloat16, "*fp16": torch.float16, "*i64": torch.int64}
+
+
+def length_variants(kernel, types: dict, constexprs: dict, lengths=(1, 2, 16, 37, 64, 1000, 4096)) -> int:
+    """How many compiled variants launches at these batch lengths would need: the distinct keys Triton's own launch
+    binder (what `kernel[grid](...)` looks its cache up by) gives them on sm_90."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = kernel if isinstance(kernel, triton.JITFunction) else kernel.fn
+    binder = create_function_from_signature(fn.signature, fn.params, make_backend(TARGET))
+    keys = set()
+    for length in lengths:
+        args = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                args[name] = constexprs[name]
+            elif name in PER_BATCH:
+                args[name] = length
+            elif types[name].startswith("*"):
+                args[name] = torch.empty(16, dtype=POINTEE[types[name]])  # torch's allocations: 16-byte aligned
+            else:
+                args[name] = 1.0 if types[name].startswith("fp") else 4096
+        keys.add(repr(binder(**args)[1]))
+    return len(keys)
+
+
 def linear_variants():
     ints = {"labels_ptr": "*i64", "rows_ptr": "*i64", "n_rows": "i32", "blocks_per_split": "i32", "H": "i32",
             "V": "i32", "stride_hn": "i64", "stride_wv": "i64", "softcap": "fp32"}
@@ -92,6 +122,9 @@ def logits_variants():
 def main() -> None:
     for name, kernel, types, constexprs, cfg in (*linear_variants(), *logits_variants()):
         row = compile_one(kernel, types, constexprs, cfg.num_warps, getattr(cfg, "num_stages", 3))
+        fn = kernel if isinstance(kernel, triton.JITFunction) else kernel.fn
+        row["per_batch_args"] = [a for a in fn.arg_names if a in PER_BATCH]
+        row["length_variants"] = length_variants(kernel, types, constexprs)
         print(json.dumps({"kernel": name, **row}), flush=True)
 
 

@@ -62,9 +62,10 @@ def _tiny_model_full_finetuning(rank: int, world: int) -> None:
     ref_logps = torch.full((2, 3), -50.0)
 
     def loss(m, r):
-        hidden, labels, segments, n = padded_answer_tokens(m, collate([dataset[2 * r], dataset[2 * r + 1]]))
+        tokens = padded_answer_tokens(m, collate([dataset[2 * r], dataset[2 * r + 1]]))
         weight, bias = lm_head(m)
-        return fused_linear_mdpo_loss(hidden, weight, labels, segments, ref_logps, bias=bias, num_examples=n)[0]
+        return fused_linear_mdpo_loss(tokens.hidden, weight, tokens.labels, tokens.segment_ids, ref_logps, bias=bias,
+                                      num_examples=tokens.num_examples)[0]
 
     text = model.model.language_model
     for layer in text.layers:

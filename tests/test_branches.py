@@ -28,9 +28,10 @@ def _first_step(tmp_path, **overrides):
     policy, reference = prepare_model(model, args)
     randomize_lora(policy)
     trainer = MDPOTrainer(policy, args, dataset, processor, reference_model=reference)
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    batch = next(iter(trainer.get_train_dataloader()))
     loss, metrics = trainer.compute_loss(policy, batch, return_outputs=True)  # the layout check runs here too
-    return dataset, batch, loss, metrics, set(trainer._metrics)
+    trainer.log({"loss": loss.item()})  # what a training log line holds after this step
+    return dataset, batch, loss, metrics, set(trainer.state.log_history[-1])
 
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])

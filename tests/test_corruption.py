@@ -1,10 +1,13 @@
 import math
+from array import array
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from mdpo_fast.corruption import AREA, RATIO, corrupt_image, corruption_box
+from mdpo_fast.corruption import AREA, RATIO, check_corruption, corrupt_image, corruption_box
+from mdpo_fast.examples import Example, PreferenceDataset
+from mdpo_fast.tiny import build_processor
 
 
 def test_pure_function_of_seed_and_index():
@@ -48,6 +51,13 @@ def test_corrupted_image_keeps_size_and_differs():
     assert np.asarray(corrupt_image(image, 1, 2)).tobytes() == np.asarray(out).tobytes()
 
 
-def test_bad_ranges():
-    with pytest.raises(ValueError, match="corruption area"):
-        corruption_box(10, 10, 0, 0, area=(0.3, 0.2))
+@pytest.mark.parametrize("area, ratio, name", [
+    ((0.3, 0.2), RATIO, "corruption_area"), ((0.1, 1.5), RATIO, "corruption_area"), ((0.1,), RATIO, "corruption_area"),
+    (AREA, (0.0, 1.0), "corruption_ratio"), (AREA, (2.0, 1.0), "corruption_ratio"),
+])
+def test_bad_ranges_are_refused_where_settings_enter(area, ratio, name):
+    with pytest.raises(ValueError, match=name):
+        check_corruption(area, ratio)
+    example = Example(0, None, array("l", [1, 2]), array("l", [3]), array("l", [4]))
+    with pytest.raises(ValueError, match=name):  # the Python API's entry, as MDPOConfig is the CLI's
+        PreferenceDataset([example], build_processor(), seed=0, area=area, ratio=ratio)

@@ -14,7 +14,13 @@ from mdpo_fast.demo_data import demo_records
 from mdpo_fast.families import family_for
 from mdpo_fast.families.base import registered
 from mdpo_fast.layout_check import LayoutMismatchError, plain_logps
-from mdpo_fast.modeling import prepare_model, reference_context, sequence_logps
+from mdpo_fast.modeling import (
+    attention_implementation,
+    choose_packed_attention,
+    prepare_model,
+    reference_context,
+    sequence_logps,
+)
 from mdpo_fast.processors import load_processor
 from mdpo_fast.tiny import build_tiny_model, tiny_families, write_tiny_model
 from mdpo_fast.trainer import MDPOTrainer
@@ -75,7 +81,7 @@ def _layout_logps(policy, processor, dataset, tmp_path, **layout):
     trainer = MDPOTrainer(policy, _args(tmp_path, **layout), dataset, processor)
     batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
-        policy_logps = sequence_logps(policy, *trainer.answer_tokens(policy, batch))
+        policy_logps = sequence_logps(policy, trainer.answer_tokens(policy, batch))
         ref_logps = trainer.reference_logps(batch)
     return trainer, batch, policy_logps, ref_logps
 
@@ -100,19 +106,19 @@ def test_unit_attention_equals_one_dense_mask(setup, tmp_path):
     """On CPU, packed rows under SDPA attend unit by unit (rows as long as the budget allows): the same hidden states
     as one dense SDPA mask over the same rows, for causal units, shared prefixes, bidirectional blocks and windows."""
     name, policy, processor, dataset, _ = setup
-    text = policy.get_base_model().config.get_text_config()
     trainer = MDPOTrainer(policy, _args(tmp_path), dataset, processor)
     if not trainer.args.packing or registered()[name].tiny_attn_implementation != "sdpa":
         pytest.skip(f"{name}: no packed SDPA")
-    assert text._attn_implementation == unit_attention.NAME and trainer.data_collator.dense_hidden_size is None
+    assert trainer.packed_attention == attention_implementation(policy) == unit_attention.NAME  # the CPU default
+    assert trainer.data_collator.dense_hidden_size is None
     batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
     with torch.no_grad(), reference_context(policy, None):
-        units = trainer.answer_tokens(policy, batch)[0]
+        units = trainer.answer_tokens(policy, batch).hidden
         try:
-            policy.get_base_model().set_attn_implementation({"text_config": "sdpa"})
-            dense = trainer.answer_tokens(policy, batch)[0]
+            assert choose_packed_attention(policy, "dense", trainer.args.device) == "sdpa"
+            dense = trainer.answer_tokens(policy, batch).hidden
         finally:
-            policy.get_base_model().set_attn_implementation({"text_config": unit_attention.NAME})
+            choose_packed_attention(policy, "units", trainer.args.device)
     torch.testing.assert_close(units, dense, rtol=0, atol=1e-5)
 
 
@@ -194,7 +200,7 @@ def test_what_the_family_adds_matters(setup, tmp_path, monkeypatch):
 
             with torch.no_grad(), reference_context(policy, None):
                 features = modeling.image_features(policy, batch)
-                wrong = sequence_logps(policy, *modeling.packed_answer_tokens(policy, batch, features))
+                wrong = sequence_logps(policy, modeling.packed_answer_tokens(policy, batch, features))
         assert (wrong - plain[False]).abs().max() > 10 * TOLERANCE, f"{name}: dropping {what} changed nothing"
 
 
@@ -347,7 +353,7 @@ def test_other_attention_backends_build_the_same_packed_masks(setup, tmp_path, i
     if impl == "flex_attention" and name not in ("llava", "gemma3", "aya_vision", "paligemma"):
         pytest.skip("FlexAttention compiles on CPU: checked on the families whose masks differ (groups, windows)")
     base = policy.get_base_model()
-    before = base.config.get_text_config()._attn_implementation
+    before = attention_implementation(base)
     base.set_attn_implementation(impl)
     if impl == "flex_attention":
         request.getfixturevalue("fresh_dynamo")

@@ -1,4 +1,4 @@
-"""fused_linear_mdpo_loss on both backends against an independent float64 reading of DESIGN.md.
+"""fused_linear_mdpo_loss on both backends against an independent float64 reading of docs/DESIGN.md's objective.
 
 The independent version loops segment by segment: full logits for that segment's tokens, log-softmax,
 sum, then the formula. The packed call must agree with it for any token order.
@@ -22,7 +22,7 @@ def backend(request, monkeypatch):
 
 
 def independent_loss(hidden, weight, labels, segment_ids, ref_logps, beta, anchor, weights, bias=None, softcap=None):
-    """DESIGN.md with plain torch ops in the inputs' dtype, one segment at a time (no mdpo_fast code)."""
+    """docs/DESIGN.md's objective with plain torch ops in the inputs' dtype, a segment at a time (no mdpo_fast code)."""
     b = ref_logps.shape[0]
     policy = []
     for s in range(3 * b):

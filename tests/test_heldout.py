@@ -75,7 +75,7 @@ def test_swapped_log_probs_equal_the_models_own_forward_with_the_other_image(tmp
         trainer = MDPOTrainer(policy, _args(tmp_path, packing=packing), dataset, processor)
         batch = trainer.collator(trainer.args, 1)([swap[k] for k in range(len(swap))])
         with torch.no_grad():
-            got = sequence_logps(policy, *trainer.answer_tokens(policy, batch))[:, 0]
+            got = sequence_logps(policy, trainer.answer_tokens(policy, batch))[:, 0]
             for k, (i, j) in enumerate(swap.pairs):
                 ex, image = dataset.examples[i], dataset.images(j)[0]
                 assert image.size != dataset.images(i)[0].size or sizes[i] == sizes[j]
@@ -118,7 +118,6 @@ def test_before_training_the_policy_is_the_reference(tmp_path):
     args = _args(tmp_path, eval_split=0.25, max_steps=0)
     dataset = prepare_dataset(args, processor, records=demo_records(n=16, seed=0), source="demo")
     from mdpo_fast.heldout import split_dataset
-    from mdpo_fast.ref_cache import precompute_ref_logps
 
     train, held = split_dataset(dataset, args.eval_split, args.seed)
     policy, _ = prepare_model(model, args)
@@ -126,7 +125,7 @@ def test_before_training_the_policy_is_the_reference(tmp_path):
     for packing in (True, False):
         trainer = MDPOTrainer(policy, _args(tmp_path / str(packing), packing=packing, eval_split=0.25), train,
                               processor, eval_dataset=held)
-        held.ref_logps = precompute_ref_logps(trainer, held)
+        trainer.precompute_reference()
         cached, computed = cached_reference(held), trainer.branch_logps(held, 1, policy=False)
         order = [cached.indices.tolist().index(i) for i in computed.indices.tolist()]
         torch.testing.assert_close(cached.reference[order, 0], computed.reference[:, 0])  # read, not recomputed

@@ -1,4 +1,4 @@
-"""mdpo_loss: hand-worked numbers, and agreement with an independent float64 reading of DESIGN.md."""
+"""mdpo_loss: hand-worked numbers, and agreement with an independent float64 reading of docs/DESIGN.md's objective."""
 
 import math
 
@@ -13,7 +13,7 @@ def _nls(x: float) -> float:  # -log sigmoid(x), computed stably
 
 
 def independent_mdpo(policy, ref, beta, anchor, weights):
-    """DESIGN.md's formula, example by example, in Python floats (float64)."""
+    """docs/DESIGN.md's formula, example by example, in Python floats (float64)."""
     total = 0.0
     for p, r in zip(policy.tolist(), ref.tolist(), strict=True):
         rc, rr, rm = (beta * (a - b) for a, b in zip(p, r, strict=True))

@@ -1,16 +1,20 @@
 """The packed layout: hand-checked on a toy example, and exact against the padded path on the tiny model."""
 
+import random
+
 import pytest
 import torch
 
 from mdpo_fast import unit_attention
 from mdpo_fast.cli import parse_config
+from mdpo_fast.collate import PaddedCollator
 from mdpo_fast.data import prepare_dataset
 from mdpo_fast.demo_data import demo_records
 from mdpo_fast.examples import Example
 from mdpo_fast.modeling import prepare_model
-from mdpo_fast.packing import PackedCollator, attention_mask, unit_masks
-from mdpo_fast.ref_cache import RefLogpStore, precompute_ref_logps
+from mdpo_fast.packing import PackedCollator, attention_mask, packed_length, unit_masks
+from mdpo_fast.ref_cache import RefLogpStore
+from mdpo_fast.sampler import LengthGroupedSampler
 from mdpo_fast.tiny import build_tiny_model
 from mdpo_fast.trainer import MDPOTrainer
 from tests.conftest import randomize_lora
@@ -133,8 +137,7 @@ def test_packed_equals_padded(lora_setup, tmp_path, layout, reference):
     want_loss, want, want_grads, _ = _step(policy, processor, dataset, tmp_path / "a", packing=False)
     ref = None
     if reference == "precomputed":
-        _, _, _, trainer = _step(policy, processor, dataset, tmp_path / "b", **layout)
-        ref = precompute_ref_logps(trainer)
+        ref = _precomputed(policy, processor, dataset, tmp_path / "b", **layout)
         assert len(ref) == len(dataset)
     loss, got, grads, _ = _step(policy, processor, dataset, tmp_path / "c", ref_logps=ref, **layout)
     assert layout["packing"] and want["policy_logps"].shape == (6, 3)
@@ -149,11 +152,24 @@ def test_packed_equals_padded(lora_setup, tmp_path, layout, reference):
         torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _precomputed(policy, processor, dataset, output_dir, **layout) -> dict:
+    """The reference log-probs a trainer precomputes for (a view of) `dataset`."""
+    _, _, _, trainer = _step(policy, processor, dataset.subset(dataset.examples), output_dir, **layout)
+    trainer.precompute_reference()
+    return trainer.train_dataset.ref_logps
+
+
 def test_precompute_resumes_and_is_keyed_by_fingerprint(lora_setup, tmp_path, monkeypatch):
     policy, processor, dataset = lora_setup
-    _, _, _, trainer = _step(policy, processor, dataset, tmp_path, packing=True)
+    _, _, _, trainer = _step(policy, processor, dataset.subset(dataset.examples), tmp_path, packing=True)
     trainer.args.per_device_train_batch_size = 2
-    full = precompute_ref_logps(trainer)
+
+    def precompute():
+        trainer.reference_precomputed = False  # once per trainer: this test runs it again on purpose
+        trainer.precompute_reference()
+        return trainer.train_dataset.ref_logps
+
+    full = precompute()
     cache = next((tmp_path / "ref_logps").iterdir())
     assert len(list(cache.glob("part-*.pt"))) == 3
 
@@ -169,18 +185,18 @@ def test_precompute_resumes_and_is_keyed_by_fingerprint(lora_setup, tmp_path, mo
             raise KeyboardInterrupt  # killed after the first part
     monkeypatch.setattr(RefLogpStore, "add", add_then_die)
     with pytest.raises(KeyboardInterrupt):
-        precompute_ref_logps(trainer)
+        precompute()
     monkeypatch.setattr(RefLogpStore, "add", real_add)
     computed = []
     monkeypatch.setattr(trainer, "reference_logps", lambda batch, f=trainer.reference_logps: computed.append(
         len(batch["example_index"])) or f(batch))
-    resumed = precompute_ref_logps(trainer)
+    resumed = precompute()
     assert sum(computed) == 4  # only the four examples the first run did not finish
     for index, value in full.items():
         torch.testing.assert_close(resumed[index], value)
 
     trainer.args.corruption_seed += 1  # other corrupted images: other numbers, another cache
-    precompute_ref_logps(trainer)
+    precompute()
     assert len(list((interrupted / "ref_logps").iterdir())) == 2
 
 
@@ -241,13 +257,28 @@ def test_dense_rows_take_the_width_that_costs_least():
     assert pack_rows(lengths, 1000) == balance_rows(lengths, 1000)  # block-sparse attention: fewest rows
 
 
-@pytest.mark.slow
-def test_tokens_through_the_model_against_the_published_step():
-    from benchmarks.token_counts import token_counts
+def test_packed_rows_put_far_fewer_tokens_through_the_model_than_padded_rows():
+    """LLaVA-1.5 on RLAIF-V shapes (576 image tokens, prompts of 20-80 tokens, answers of 30-300), 8 examples a step:
+    the packed layout's token positions (shared prefix, length-grouped steps, rows as SDPA's dense masks make them,
+    tail padding counted) against 3B right-padded rows in random steps (`benchmarks/token_counts.py` compares with
+    the published step itself)."""
+    rng, image = random.Random(0), 7
+    examples = [Example(i, None, (1,) * 5 + (image,) * 576 + (1,) * rng.randint(20, 80), (2,) * rng.randint(30, 300),
+                        (3,) * rng.randint(30, 300)) for i in range(600)]
+    dummy = {"pixel_values": torch.zeros(1, 1)}
 
-    counts = token_counts(n=600)
-    assert counts["default (packed, shared prefix, precomputed reference)"]["ratio"] <= 0.5
-    assert counts["packed, shared prefix, live reference"]["ratio"] <= 0.7
+    def positions(collate, order) -> int:
+        steps = [order[start : start + 8] for start in range(0, len(order), 8)]
+        return sum(collate([{"example": examples[i], "image": dummy, "corrupted_image": dummy} for i in step])
+                   ["input_ids"].numel() for step in steps)
+
+    packed_collate = PackedCollator(0, image, 8192, True, dense_hidden_size=4096)
+    packed = positions(packed_collate, list(LengthGroupedSampler([packed_length(e) for e in examples], 8, 0)))
+    padded = positions(PaddedCollator(0), random.Random(0).sample(range(600), 600))
+    assert packed <= 0.7 * padded  # per forward: so also with a live reference in both
+    precompute = positions(packed_collate, list(range(600)))  # one reference pass, in data order
+    epochs = 3
+    assert epochs * packed + precompute <= 0.5 * epochs * 2 * padded  # the default against policy + reference
 
 
 def test_flex_attention_block_mask_matches_the_dense_mask(lora_setup, fresh_dynamo):
@@ -259,10 +290,10 @@ def test_flex_attention_block_mask_matches_the_dense_mask(lora_setup, fresh_dyna
     base = policy.get_base_model()
     with torch.no_grad():
         features = image_features(policy, batch)
-        dense, *_ = packed_answer_tokens(policy, batch, features)
+        dense = packed_answer_tokens(policy, batch, features).hidden
         base.set_attn_implementation("flex_attention")
         try:
-            flex, *_ = packed_answer_tokens(policy, batch, features)
+            flex = packed_answer_tokens(policy, batch, features).hidden
         finally:
             base.set_attn_implementation("sdpa")
     torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
@@ -284,7 +315,7 @@ def test_flash_varlen_gets_one_flat_sequence_with_position_resets(lora_setup, mo
     monkeypatch.setattr(modeling, "last_hidden_states", capture)
     base = policy.get_base_model()
     monkeypatch.setattr(base.config.get_text_config(), "_attn_implementation", "flash_attention_2")
-    hidden, *_ = modeling.packed_answer_tokens(policy, batch, modeling.image_features(policy, batch))
+    hidden = modeling.packed_answer_tokens(policy, batch, modeling.image_features(policy, batch)).hidden
     rows, width = batch["input_ids"].shape
     assert rows > 1 and seen["attention_mask"] is None
     assert seen["input_ids"].shape == (1, rows * width)

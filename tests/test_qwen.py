@@ -13,7 +13,6 @@ from mdpo_fast.demo_data import demo_records
 from mdpo_fast.families import family_for
 from mdpo_fast.families.mrope import mrope_positions
 from mdpo_fast.modeling import prepare_model
-from mdpo_fast.ref_cache import precompute_ref_logps
 from mdpo_fast.tiny import build_tiny_model
 from mdpo_fast.trainer import MDPOTrainer
 from tests.conftest import randomize_lora
@@ -88,8 +87,11 @@ def _step(policy, processor, dataset, tmp_path, ref_logps=None, **layout):
 def test_packed_equals_padded(qwen_setup, tmp_path, prefix_sharing):
     policy, processor, dataset = qwen_setup
     want_loss, want, want_grads, _ = _step(policy, processor, dataset, tmp_path / "a", packing=False)
-    _, _, _, trainer = _step(policy, processor, dataset, tmp_path / "b", prefix_sharing=prefix_sharing)
-    ref = precompute_ref_logps(trainer) if prefix_sharing else None  # the precomputed reference once per family
+    ref = None
+    if prefix_sharing:  # the precomputed reference once per family
+        _, _, _, trainer = _step(policy, processor, dataset.subset(dataset.examples), tmp_path / "b")
+        trainer.precompute_reference()
+        ref = trainer.train_dataset.ref_logps
     loss, got, grads, _ = _step(policy, processor, dataset, tmp_path / "c", ref, prefix_sharing=prefix_sharing)
     assert want["policy_logps"].shape == (6, 3)
     torch.testing.assert_close(got["policy_logps"], want["policy_logps"], rtol=1e-5, atol=1e-5)

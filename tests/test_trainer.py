@@ -47,7 +47,7 @@ def test_padded_layout_logps_match_each_sequence_alone(tmp_path, family):
     if family != "llava":
         assert len({tuple(it["image"]["image_grid_thw"][0].tolist()) for it in items}) == 3
     with torch.no_grad():
-        got = sequence_logps(model, *padded_answer_tokens(model, batch))
+        got = sequence_logps(model, padded_answer_tokens(model, batch))
         expected = torch.tensor([
             [
                 _independent_logps(model, it, it["example"].chosen_ids, it["image"], image_id),

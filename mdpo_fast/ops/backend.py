@@ -1,4 +1,4 @@
-"""Backend choice (DESIGN.md): `MDPO_FAST_BACKEND=auto|triton|torch`; auto = Triton for CUDA tensors.
+"""Backend choice (docs/DESIGN.md, "Backends"): `MDPO_FAST_BACKEND=auto|triton|torch`; auto = Triton for CUDA tensors.
 
 Each backend offers the same two launchers for log-probs from hidden states, so the autograd
 Functions above them exist once:

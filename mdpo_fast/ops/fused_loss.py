@@ -15,7 +15,7 @@ import torch
 
 from mdpo_fast.ops.backend import LinearOps, linear_ops
 from mdpo_fast.ops.logprobs import check_linear_inputs, deterministic_backward, segment_logps
-from mdpo_fast.ops.loss import METRIC_NAMES, NUM_BRANCHES, check_loss_options, mdpo_loss
+from mdpo_fast.ops.loss import NUM_BRANCHES, check_loss_options, mdpo_objective
 from mdpo_fast.ops.rows import valid_rows
 
 
@@ -50,17 +50,16 @@ class FusedLinearMDPOLoss(torch.autograd.Function):
         policy_logps = segment_logps(logps, segment_ids, b)
         with torch.enable_grad():  # the [B, 3] loss is tiny: its gradient gives every token's upstream gradient
             leaf = policy_logps.detach().requires_grad_(True)
-            loss, metrics = mdpo_loss(leaf, ref_logps, beta=opts.beta, anchor=opts.anchor, weights=opts.weights)
+            loss, metrics = mdpo_objective(leaf, ref_logps, opts.beta, opts.anchor, opts.weights)
             (grad_policy,) = torch.autograd.grad(loss, leaf)
         token_grad = grad_policy.flatten()[segment_ids.clamp(min=0)]  # [N]; rows without a label are skipped
         ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, token_grad)
         ctx.opts = opts
-        metrics = torch.stack([metrics[name] for name in METRIC_NAMES])
-        ctx.mark_non_differentiable(metrics, policy_logps, ref_logps)
-        return loss.detach(), metrics, policy_logps, ref_logps
+        # a dict is passed through untracked: the metrics and log-probs carry no gradient
+        return loss.detach(), {**metrics, "policy_logps": policy_logps, "ref_logps": ref_logps}
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_metrics, _grad_policy, _grad_ref):
+    def backward(ctx, grad_loss, _metrics):
         hidden, weight, bias, labels, rows, lse, token_grad = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grads = ctx.opts.ops.bwd(
@@ -109,7 +108,8 @@ def fused_linear_mdpo_loss(
     check_segment_range: bool = True,
     deterministic: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The mDPO loss of DESIGN.md straight from hidden states, for all three branches of all examples at once.
+    """The mDPO loss (docs/DESIGN.md, "The objective, exactly") straight from hidden states, for all three branches
+    of all examples at once.
 
     Args:
         hidden: `[N, H]` policy hidden states of the tokens that predict `labels`, every branch of every
@@ -155,9 +155,4 @@ def fused_linear_mdpo_loss(
     num_examples = _check_segments(segment_ids, hidden.shape[0], num_examples, check_segment_range)
     opts = MDPOLossOptions(linear_ops(hidden.device), num_examples, beta, anchor, w_all, ignore_index, softcap,
                            deterministic)
-    loss, metrics, policy_logps, ref_out = FusedLinearMDPOLoss.apply(
-        hidden, weight, bias, labels, segment_ids, ref_logps, ref_hidden, opts
-    )
-    named = dict(zip(METRIC_NAMES, metrics.unbind(), strict=True))
-    named["policy_logps"], named["ref_logps"] = policy_logps, ref_out
-    return loss, named
+    return FusedLinearMDPOLoss.apply(hidden, weight, bias, labels, segment_ids, ref_logps, ref_hidden, opts)

@@ -1,4 +1,4 @@
-"""The mDPO objective (DESIGN.md) on summed answer log-probs of the three branches."""
+"""The mDPO objective (docs/DESIGN.md, "The objective, exactly") on summed answer log-probs of the three branches."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def num_branches(weights: Sequence[float], imageless_metrics: bool = False) -> i
 
 
 def check_loss_options(beta: float, weights: Sequence[float]) -> tuple[float, float, float]:
+    """`weights` as three floats, after refusing a non-positive `beta` or weights that are not three non-negative
+    numbers."""
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     weights = tuple(float(w) for w in weights)
@@ -87,7 +89,12 @@ def mdpo_loss(
         raise ValueError(
             f"policy_logps {tuple(policy_logps.shape)} and ref_logps {tuple(ref_logps.shape)} differ in shape"
         )
-    w_dpo, w_cond, w_anc = check_loss_options(beta, weights)
+    return mdpo_objective(policy_logps, ref_logps, beta, anchor, check_loss_options(beta, weights))
+
+
+def mdpo_objective(policy_logps, ref_logps, beta: float, anchor: float, weights: tuple[float, float, float]):
+    """`mdpo_loss` on arguments its caller has checked (the fused loss checks its own once, at its entry)."""
+    w_dpo, w_cond, w_anc = weights
     dtype = torch.promote_types(policy_logps.dtype, torch.float32)  # fp64 stays fp64
     rewards = beta * (policy_logps.to(dtype) - ref_logps.detach().to(policy_logps.device, dtype))
     chosen, rejected, corrupted = rewards.unbind(dim=1)
@@ -100,19 +107,19 @@ def mdpo_loss(
 
 
 def reward_metrics(rewards: torch.Tensor, policy_logps: torch.Tensor) -> dict[str, torch.Tensor]:
-    """DESIGN.md metrics from `[B, 3]` rewards and policy log-probs, as 0-d tensors (no host sync)."""
+    """The metrics of docs/DESIGN.md ("The objective, exactly") from `[B, 3]` rewards and policy log-probs, as 0-d
+    tensors (no host sync), keyed by `METRIC_NAMES` in that order."""
     chosen, rejected, corrupted = rewards.unbind(dim=1)
     logps = policy_logps.to(rewards.dtype).mean(dim=0)
-    values = (
-        chosen.mean(),
-        rejected.mean(),
-        corrupted.mean(),
-        (chosen > rejected).to(rewards.dtype).mean(),
-        (chosen > corrupted).to(rewards.dtype).mean(),
-        (chosen - rejected).mean(),
-        (chosen - corrupted).mean(),
-        logps[CHOSEN],
-        logps[REJECTED],
-        logps[CORRUPTED],
-    )
-    return dict(zip(METRIC_NAMES, values, strict=True))
+    return {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/imageless_chosen": corrupted.mean(),
+        "rewards/accuracies": (chosen > rejected).to(rewards.dtype).mean(),
+        "rewards/imageless_accuracies": (chosen > corrupted).to(rewards.dtype).mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/imageless_margins": (chosen - corrupted).mean(),
+        "logps/chosen": logps[CHOSEN],
+        "logps/rejected": logps[REJECTED],
+        "logps/imageless_chosen": logps[CORRUPTED],
+    }
