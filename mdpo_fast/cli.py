@@ -87,7 +87,7 @@ def run_training(args, model=None, processor=None, records=None, source=None):
     """Validate the data, load the model, train, save. Returns the trainer."""
     from mdpo_fast.checkpoints import check_output_dir, resume_checkpoint
     from mdpo_fast.data import prepare_dataset
-    from mdpo_fast.families import family_for
+    from mdpo_fast.families.base import trainable_family
     from mdpo_fast.modeling import load_model, prepare_model
     from mdpo_fast.trainer import MDPOTrainer
 
@@ -102,9 +102,7 @@ def run_training(args, model=None, processor=None, records=None, source=None):
         config = AutoConfig.from_pretrained(args.model_name_or_path)
     else:
         config = model.config
-    family = family_for(config)
-    if family.refusal:  # before any weight loads
-        raise ValueError(f"{config.model_type} models cannot train here: {family.refusal}")
+    family = trainable_family(config)  # before any weight loads
     if processor is None:
         from mdpo_fast.processors import load_processor
 

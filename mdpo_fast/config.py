@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from mdpo_fast.corruption import AREA, RATIO, check_corruption
+from mdpo_fast.modeling import DTYPES
 from mdpo_fast.ops.loss import check_loss_options, num_branches
 
 
@@ -159,8 +160,8 @@ class MDPOConfig(TrainingArguments):
             raise ValueError(f"max_tokens_per_batch must be at least 2, got {self.max_tokens_per_batch}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
-        if self.model_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"model_dtype must be auto, float32, bfloat16 or float16, got {self.model_dtype!r}")
+        if self.model_dtype not in DTYPES:
+            raise ValueError(f"model_dtype must be one of {', '.join(DTYPES)}, got {self.model_dtype!r}")
         if self.corruption_seed is None:
             self.corruption_seed = self.seed
         if self.dataset_num_proc is None:

@@ -33,7 +33,7 @@ def prepare_dataset(args, processor, records: list[Record] | None = None, source
     """
     path, split = path or args.dataset, split or args.dataset_split
     source = source or str(path)
-    use_chat_template(processor, getattr(args, "chat_template", None), family)
+    use_chat_template(processor, args.chat_template, family)
     start = time.perf_counter()
     cache = None if records is not None else cache_file(args, processor, path, split)
     hit = cache is not None and cache.exists()
@@ -56,7 +56,7 @@ def prepare_dataset(args, processor, records: list[Record] | None = None, source
         try:
             examples, bad, n_truncated = build_examples(
                 records, processor, max_length=args.max_length, source=source, total=total,
-                num_proc=getattr(args, "dataset_num_proc", None) or 1, sink=writer and writer.add,
+                num_proc=args.dataset_num_proc, sink=writer and writer.add,
             )
         except BaseException:
             if writer is not None:
@@ -81,12 +81,10 @@ def prepare_dataset(args, processor, records: list[Record] | None = None, source
     if same:
         logger.warning("%d examples of %s have the same chosen and rejected answer: their DPO term is a constant "
                        "log 2 (--skip_bad_records true skips them)", same, source)
-    dataset = PreferenceDataset(
+    return PreferenceDataset(
         examples, processor, family, seed=args.corruption_seed, area=args.corruption_area,
-        ratio=args.corruption_ratio, corrupted=getattr(args, "num_branches", NUM_BRANCHES) == NUM_BRANCHES,
+        ratio=args.corruption_ratio, corrupted=args.num_branches == NUM_BRANCHES, num_skipped=len(problems),
     )
-    dataset.num_skipped = len(problems)
-    return dataset
 
 
 def _without_same_answers(records, problems: list[str], source: str):

@@ -40,17 +40,17 @@ def evaluate(args, adapter: str | None = None, per_example: str | None = None) -
     model.to(args.device).eval()
     trainer = MDPOTrainer(model, args, dataset, processor, reference_model=None if adapter else model)
     trainer.check_layout(model=model)  # the first batch against the model's own forward, as in training
-    result, (indices, policy, reference) = heldout_metrics(trainer, dataset, policy=adapter is not None)
+    result, logps = heldout_metrics(trainer, dataset, policy=adapter is not None)
     built = args.num_branches
-    result["examples"] = len(indices)
+    result["examples"] = len(logps.indices)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval_metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if per_example is not None:
         names = BRANCH_NAMES[:built]
         with open(per_example, "w", encoding="utf-8") as f:
-            for index, mine, ref in zip(indices.tolist(), policy[:, :built].tolist(), reference[:, :built].tolist(),
-                                        strict=True):
+            for index, mine, ref in zip(logps.indices.tolist(), logps.policy[:, :built].tolist(),
+                                        logps.reference[:, :built].tolist(), strict=True):
                 row = {"index": index, "logps": dict(zip(names, mine, strict=True)),
                        "ref_logps": dict(zip(names, ref, strict=True))}
                 f.write(json.dumps(row) + "\n")

@@ -14,7 +14,7 @@ from array import array
 from collections.abc import Iterable, Sized
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -86,16 +86,24 @@ def blank_image(size: tuple[int, int]) -> Image.Image:
     return Image.new("RGB", size)
 
 
+class BuiltExamples(NamedTuple):
+    """`examples` (empty when a sink took them), one `problems` line per bad record, and how many records had an
+    answer truncated (`n_truncated`)."""
+
+    examples: list[Example]
+    problems: list[str]
+    n_truncated: int
+
+
 def build_examples(
     records: Iterable[Record], processor, *, max_length: int, source: str = "data", num_proc: int = 1,
     min_parallel: int = MIN_PARALLEL, sink=None, total: int | None = None,
-) -> tuple[list[Example], list[str], int]:
+) -> BuiltExamples:
     """Check every image (`check_image`, the one decode of each) and tokenize every record, over `num_proc` worker
     processes when there are at least `min_parallel` records, with a progress bar (of `total` records if known).
-    Returns `(examples, problems, n_truncated)`, one problem line per bad record, in record order whatever the
-    number of processes. `records` may be a stream: it is read a window at a time. `sink(example, truncated)`
-    takes each example as it comes instead of the returned list (which is then empty), so that a large set is
-    never all in memory as objects."""
+    Problems come in record order whatever the number of processes. `records` may be a stream: it is read a window
+    at a time. `sink(example, truncated)` takes each example as it comes instead of the returned list (which is
+    then empty), so that a large set is never all in memory as objects."""
     from tqdm.auto import tqdm
 
     total = len(records) if total is None and isinstance(records, Sized) else total
@@ -113,7 +121,7 @@ def build_examples(
                 examples.append(example)
             else:
                 sink(example, truncated)
-    return examples, problems, n_truncated
+    return BuiltExamples(examples, problems, n_truncated)
 
 
 def _prepared(records: Iterable[Record], processor, max_length: int, num_proc: int, min_parallel: int):
@@ -210,12 +218,17 @@ def _prepare(record: Record):
         return None, False, problem_line(e)
 
 
+class ExampleImages(NamedTuple):
+    image: Image.Image
+    corrupted: Image.Image
+
+
 class PreferenceDataset(torch.utils.data.Dataset):
     """Examples with their images processed on access, the original and (with `corrupted`) the corrupted one,
     through the model family's `image_inputs` (the generic one when `family` is None)."""
 
     def __init__(self, examples: list[Example], processor, family=None, *, seed: int, area=AREA, ratio=RATIO,
-                 corrupted: bool = True):
+                 corrupted: bool = True, num_skipped: int = 0):
         if not examples:
             raise DataError(["no usable examples"])
         check_corruption(area, ratio)
@@ -229,6 +242,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
         self.image_prompt = image_prompt(processor)
         self.seed, self.area, self.ratio = seed, tuple(area), tuple(ratio)
         self.corrupted = corrupted  # False: items carry no corrupted image (a run that does not use that branch)
+        self.num_skipped = num_skipped  # bad records dropped by `skip_bad_records`
         self.ref_logps: dict[int, torch.Tensor] | None = None  # precomputed reference log-probs by record index
 
     def __len__(self) -> int:
@@ -246,11 +260,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise KeyError(index)
         return int(self._order[at])
 
-    def images(self, i: int):
+    def images(self, i: int) -> ExampleImages:
         """The example's image and its corruption, as PIL images."""
         ex = self.examples[i]
         image = load_image(ex.image)
-        return image, corrupt_image(image, self.seed, ex.index, self.area, self.ratio)
+        return ExampleImages(image, corrupt_image(image, self.seed, ex.index, self.area, self.ratio))
 
     def __getitem__(self, i: int) -> dict:
         ex = self.examples[i]

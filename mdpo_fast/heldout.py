@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from mdpo_fast.examples import Example, PreferenceDataset, blank_image
-from mdpo_fast.ops.loss import BRANCH_NAMES, IMAGELESS_METRICS, mdpo_loss
+from mdpo_fast.ops.loss import logged_metrics, mdpo_loss
 from mdpo_fast.records import ArrowImage, load_image
 
 logger = logging.getLogger("mdpo_fast")
@@ -50,10 +50,17 @@ def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(order[held:]), np.sort(order[:held])
 
 
-def split_dataset(dataset: PreferenceDataset, fraction: float, seed: int) -> tuple[PreferenceDataset, ...]:
-    """`(train, held out)` views of a prepared dataset (`split_rows`), with its processor and corruption."""
+class Split(NamedTuple):
+    """`train` and `held` (held-out) views of one prepared set."""
+
+    train: PreferenceDataset
+    held: PreferenceDataset
+
+
+def split_dataset(dataset: PreferenceDataset, fraction: float, seed: int) -> Split:
+    """The `Split` of a prepared dataset (`split_rows`), with its processor and corruption."""
     train, held = split_rows(len(dataset), fraction, seed)
-    return dataset.subset(ExampleRows(dataset.examples, train)), dataset.subset(ExampleRows(dataset.examples, held))
+    return Split(*(dataset.subset(ExampleRows(dataset.examples, rows)) for rows in (train, held)))
 
 
 def image_key(ref) -> str:
@@ -133,33 +140,46 @@ class SetLogps(NamedTuple):
     reference: torch.Tensor
 
 
-def heldout_metrics(trainer, dataset, policy: bool = True) -> tuple[dict[str, float], SetLogps]:
+class HeldoutResult(NamedTuple):
+    """`metrics` by name and the set's `logps`."""
+
+    metrics: dict[str, float]
+    logps: SetLogps
+
+
+class ReferenceSwap(NamedTuple):
+    """A held-out set's image swap (`dataset`, a `SwapDataset`) and the reference's `ref_image/...` metrics."""
+
+    dataset: SwapDataset
+    metrics: dict[str, float]
+
+
+def heldout_metrics(trainer, dataset, policy: bool = True) -> HeldoutResult:
     """Over `dataset`: the loss and every training metric (the imageless ones where that branch is built), and the
     image reliance of the policy (`image/swap_accuracy`, `image/swap_margin`) and of the reference (`ref_image/...`,
-    computed once per set), as docs/DESIGN.md defines them. Without `policy` the policy is the reference (a base
-    model alone). Returns the metrics and the set's log-probs."""
+    computed once per set), as docs/DESIGN.md ("Image reliance") defines them. Without `policy` the policy is the
+    reference (a base model alone)."""
     args = trainer.args
-    indices, mine, reference = trainer.branch_logps(dataset, args.num_branches, policy=policy)
-    mine = mine if policy else reference
-    loss, metrics = mdpo_loss(mine, reference, beta=args.beta, anchor=args.anchor, weights=args.loss_weights)
-    built = args.num_branches
-    result = {"loss": loss.item(), **{name: value.item() for name, value in metrics.items()
-                                      if built == len(BRANCH_NAMES) or name not in IMAGELESS_METRICS}}
-    swap, ref_metrics = reference_swap(trainer, dataset, SetLogps(indices, mine, reference))
-    if len(swap):
+    logps = trainer.branch_logps(dataset, args.num_branches, policy=policy)
+    if not policy:
+        logps = logps._replace(policy=logps.reference)
+    loss, metrics = mdpo_loss(logps.policy, logps.reference, beta=args.beta, anchor=args.anchor,
+                              weights=args.loss_weights)
+    result = {"loss": loss.item(), **{name: value.item() for name, value in logged_metrics(metrics, args.num_branches)}}
+    swap = reference_swap(trainer, dataset, logps)
+    if len(swap.dataset):
         if policy:
-            swap_indices, swapped, _ = trainer.branch_logps(swap, 1, reference=False)
-            result.update(swap_metrics(indices, mine[:, 0], swap_indices, swapped[:, 0]))
+            swapped = trainer.branch_logps(swap.dataset, 1, reference=False)
+            result.update(swap_metrics(logps.indices, logps.policy[:, 0], swapped.indices, swapped.policy[:, 0]))
         else:
-            result.update({k[len("ref_"):]: v for k, v in ref_metrics.items()})
-        result.update(ref_metrics)
-    return result, SetLogps(indices, mine, reference)
+            result.update({k[len("ref_"):]: v for k, v in swap.metrics.items()})
+        result.update(swap.metrics)
+    return HeldoutResult(result, logps)
 
 
-def reference_swap(trainer, dataset, logps: SetLogps | None = None) -> tuple:
-    """`(swap dataset, the reference's ref_image/... metrics)` of a held-out set, computed once per trainer and set
-    (the reference never changes); `logps`: the set's log-probs if at hand. Call it before a full fine-tuning
-    run lets its reference copy go."""
+def reference_swap(trainer, dataset, logps: SetLogps | None = None) -> ReferenceSwap:
+    """The `ReferenceSwap` of a held-out set, computed once per trainer and set (the reference never changes);
+    `logps`: the set's log-probs if at hand. Call it before a full fine-tuning run lets its reference copy go."""
     if id(dataset) not in trainer.image_swaps:  # the swap dataset holds the set: its id is not reused
         swap = SwapDataset(dataset, trainer.args.seed)
         metrics = {}
@@ -168,7 +188,7 @@ def reference_swap(trainer, dataset, logps: SetLogps | None = None) -> tuple:
                 logps = cached_reference(dataset) or trainer.branch_logps(dataset, 1, policy=False)
             ref = trainer.branch_logps(swap, 1, policy=False)
             metrics = swap_metrics(logps.indices, logps.reference[:, 0], ref.indices, ref.reference[:, 0])
-        trainer.image_swaps[id(dataset)] = swap, {f"ref_{k}": v for k, v in metrics.items()}
+        trainer.image_swaps[id(dataset)] = ReferenceSwap(swap, {f"ref_{k}": v for k, v in metrics.items()})
     return trainer.image_swaps[id(dataset)]
 
 

@@ -46,7 +46,7 @@ def plain_logps(model, processor, family, prompt_text: str, answer_text: str, pr
 
 
 def check_layout(model, processor, family, dataset, example_rows: list[int], layout_logps: torch.Tensor,
-                 layout: str, dtype: torch.dtype, num_branches: int = 3) -> None:
+                 layout: str, dtype: torch.dtype, num_branches: int) -> None:
     """Compare `layout_logps [B, 3]` (the batch of dataset rows `example_rows`, from the layout in use) with the
     plain forward of the first two examples, each branch built (the first `num_branches`); raise
     `LayoutMismatchError` beyond tolerance.

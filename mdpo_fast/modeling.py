@@ -84,19 +84,32 @@ def choose_packed_attention(model: nn.Module, choice: str, device: torch.device)
     return attention_implementation(model)
 
 
-def load_model(args) -> tuple[nn.Module, nn.Module | None]:
+class Models(NamedTuple):
+    """The `policy` to train and its `reference`: a frozen copy for full fine-tuning, None when the reference is the
+    policy with its LoRA adapters off."""
+
+    policy: nn.Module
+    reference: nn.Module | None
+
+
+class LMHead(NamedTuple):
+    """The LM head's full `weight [V, H]` and `bias [V]` (None for a head without one)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def load_model(args) -> Models:
     """`prepare_model` of the pretrained model `args.model_name_or_path` (`args`: an `MDPOConfig`)."""
     return prepare_model(load_pretrained(args), args)
 
 
-def prepare_model(model: nn.Module, args) -> tuple[nn.Module, nn.Module | None]:
-    """Returns `(policy, reference)`: the policy LoRA-wrapped unless `args.use_lora` is false, and the
-    reference, a frozen copy for full fine-tuning or None when it is the policy with adapters disabled."""
+def prepare_model(model: nn.Module, args) -> Models:
+    """The `Models` of `model`: the policy LoRA-wrapped unless `args.use_lora` is false."""
     model.config.use_cache = False
     if not args.use_lora:
         freeze_vision(model)
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-        return model, reference
+        return Models(model, copy.deepcopy(model).eval().requires_grad_(False))
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
@@ -105,7 +118,7 @@ def prepare_model(model: nn.Module, args) -> tuple[nn.Module, nn.Module | None]:
         r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules=language_model_linear_names(model), bias="none",
     )
-    return get_peft_model(model, lora), None
+    return Models(get_peft_model(model, lora), None)
 
 
 @contextlib.contextmanager
@@ -178,8 +191,8 @@ def logit_softcap(model: nn.Module) -> float | None:
     return getattr(unwrap(model).config.get_text_config(), "final_logit_softcapping", None)
 
 
-def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The LM head's full `(weight [V, H], bias)`, also when the head is sharded.
+def lm_head(model: nn.Module) -> LMHead:
+    """The model's `LMHead`, whole also when the head is sharded.
 
     FSDP2 as accelerate (>= 1.15) sets it up keeps the LM head's unit unsharded from the forward to the
     backward (`reshard_after_forward=False` on `[final norm, lm_head]`): the fused loss uses the weight as
@@ -194,7 +207,7 @@ def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
             raise ValueError("the fused loss cannot train an LM head that FSDP reshards after the forward: keep "
                              "its unit unsharded (reshard_after_forward=False, as accelerate >= 1.15 does) or "
                              "use LoRA (the default)")
-        return weight.full_tensor(), None if bias is None else bias.full_tensor()
+        return LMHead(weight.full_tensor(), None if bias is None else bias.full_tensor())
     if hasattr(weight, "ds_id"):  # a DeepSpeed ZeRO-3 partitioned parameter
         if weight.requires_grad:
             raise ValueError("the fused loss cannot train a ZeRO-3-partitioned LM head yet: use LoRA (the "
@@ -202,8 +215,8 @@ def lm_head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([weight] + ([bias] if bias is not None else [])):
-            return weight.detach().clone(), None if bias is None else bias.detach().clone()
-    return weight, bias
+            return LMHead(weight.detach().clone(), None if bias is None else bias.detach().clone())
+    return LMHead(weight, bias)
 
 
 def image_features(model: nn.Module, batch: dict):

@@ -23,13 +23,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from mdpo_fast.collate import BatchStats, concat_image_inputs
 from mdpo_fast.families.base import Family
+from mdpo_fast.families.mrope import RopePositions
 from mdpo_fast.ops.loss import CHOSEN, CORRUPTED, NUM_BRANCHES, REJECTED
+
+if TYPE_CHECKING:
+    from mdpo_fast.unit_attention import Span
 
 # Role of a token inside its unit, for the one attention rule beyond causality.
 PREFIX, FIRST_ANSWER, SECOND_ANSWER = 0, 1, 2
@@ -68,7 +72,7 @@ def packed_length(ex, prefix_sharing: bool = True, num_branches: int = NUM_BRANC
     return sum(unit.length for unit in example_units(ex, prefix_sharing, num_branches))
 
 
-def rows_too_long(examples, max_tokens: int, prefix_sharing: bool, num_branches: int = NUM_BRANCHES) -> list[str]:
+def rows_too_long(examples, max_tokens: int, prefix_sharing: bool, num_branches: int) -> list[str]:
     """One line per example whose longest unit cannot fit a row of `max_tokens` tokens."""
     problems = []
     for ex in examples:
@@ -110,10 +114,10 @@ def attention_mask(units: torch.Tensor, roles: torch.Tensor, **layout) -> torch.
     return mask_rule(units, roles, **layout)(b, None, index[None, :, None], index[None, None, :])[:, None]
 
 
-def unit_masks(spans: list[tuple[int, int, int]], units: torch.Tensor, roles: torch.Tensor,
+def unit_masks(spans: list[Span], units: torch.Tensor, roles: torch.Tensor,
                positions: torch.Tensor | None = None, groups: torch.Tensor | None = None, window: int | None = None,
                window_limits_groups: bool = False) -> list[torch.Tensor | None]:
-    """Per `(row, start, end)` span of one unit: `mask_rule` over the unit's own tokens as a `[1, 1, U, U]` bool
+    """Per `unit_attention.Span` of one unit: `mask_rule` over the unit's own tokens as a `[1, 1, U, U]` bool
     mask, or None where that is plain causal attention (no second answer, no bidirectional group, every pair of
     its tokens within the window)."""
     rule = mask_rule(units, roles, positions, groups, window, window_limits_groups)
@@ -203,22 +207,22 @@ class _Row:
     targets: list[int] = field(default_factory=list)
     segments: list[int] = field(default_factory=list)
 
-    def place(self, planned: PlannedUnit, rope: tuple[torch.Tensor, int] | None) -> None:
+    def place(self, planned: PlannedUnit, rope: RopePositions | None) -> None:
         """Append a unit: its prefix, then each answer positioned right after the prefix (`rope`: the family's
-        multi-axis positions of the prefix and the position answers continue from, or None)."""
+        multi-axis positions of the prefix, or None)."""
         prefix, _, answers = planned.unit
         start = len(self.ids)
         self.ids += prefix
         self.positions += range(len(prefix))
         self.roles += [PREFIX] * len(prefix)
         if rope is not None:
-            self.rope.append(rope[0])
+            self.rope.append(rope.positions)
         for k, (answer, branch) in enumerate(answers):
             col = len(self.ids)
             self.ids += answer
             self.positions += range(len(prefix), len(prefix) + len(answer))
             if rope is not None:
-                self.rope.append(torch.arange(rope[1], rope[1] + len(answer)).expand(rope[0].shape[0], -1))
+                self.rope.append(torch.arange(rope.next, rope.next + len(answer)).expand(len(rope.positions), -1))
             self.roles += [FIRST_ANSWER if k == 0 else SECOND_ANSWER] * len(answer)
             # token j of the answer is predicted by token j-1, the first one by the prefix's last token
             self.predictors += [start + len(prefix) - 1] + [col + j for j in range(len(answer) - 1)]

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -34,6 +35,13 @@ def fingerprint(args, examples) -> str:
         for ids in (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids):
             h.update(bytes(ids))
     return h.hexdigest()[:16]
+
+
+class BatchLogps(NamedTuple):
+    """A batch's reference log-probs: `indices [b]` (example indices) and `logps [b, 3]`."""
+
+    indices: torch.Tensor
+    logps: torch.Tensor
 
 
 class RefLogpStore:
@@ -61,7 +69,7 @@ def precompute(dataset, order, directory: Path, accelerator, make_loader, logps,
     """The reference log-probs of every example of `dataset`, read from the store in `directory` where present,
     the rest computed in `order` (dataset positions) and stored as they come. `make_loader(positions)` gives the
     batches of the positions this process computes (each process an equal share); `logps(batch)` gives their
-    `(example indices [b], log-probs [b, 3])`. Returns every example's values."""
+    `BatchLogps`. Returns every example's values."""
     rank, world = accelerator.process_index, accelerator.num_processes
     store = RefLogpStore(directory, rank)
     missing = [i for i in order if dataset.examples[i].index not in store.values][rank::world]
@@ -72,6 +80,7 @@ def precompute(dataset, order, directory: Path, accelerator, make_loader, logps,
 
     loader = make_loader(missing)
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not accelerator.is_main_process or len(loader) < 8):
-        store.add(*logps(batch))
+        part = logps(batch)
+        store.add(part.indices, part.logps)
     accelerator.wait_for_everyone()
     return RefLogpStore(directory).values if world > 1 else store.values

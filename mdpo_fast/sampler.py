@@ -9,14 +9,16 @@ from torch.utils.data import Sampler
 class LengthGroupedSampler(Sampler[int]):
     """Indices in step order: consecutive runs of `batch_size` are the steps.
 
-    The seeded permutation is cut into mega-batches of `batch_size * group` examples, each sorted by
+    The seeded permutation is cut into mega-batches of `batch_size * GROUP` examples, each sorted by
     length and cut into steps, so a step holds examples of similar length (little tail padding, even
     token counts); the steps are then shuffled. A pure function of (seed, epoch): resuming, or switching
     packing off, gives the same steps.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: int = 16):
-        self.lengths, self.batch_size, self.seed, self.group = list(lengths), batch_size, seed, group
+    GROUP = 16  # steps per mega-batch: wide enough to find similar lengths, narrow enough to stay random
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed = list(lengths), batch_size, seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -28,7 +30,7 @@ class LengthGroupedSampler(Sampler[int]):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(len(self.lengths), generator=g).tolist()
-        size = self.batch_size * self.group
+        size = self.batch_size * self.GROUP
         steps = []
         for start in range(0, len(order), size):
             mega = sorted(order[start : start + size], key=lambda i: -self.lengths[i])

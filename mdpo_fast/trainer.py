@@ -18,8 +18,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from mdpo_fast import ref_cache
 from mdpo_fast.collate import BatchStats, PaddedCollator
-from mdpo_fast.families.base import family_for, image_token_id, packed_layout_refusal
-from mdpo_fast.heldout import SetLogps, heldout_metrics, reference_swap
+from mdpo_fast.families.base import image_token_id, packed_layout_refusal, trainable_family
+from mdpo_fast.heldout import ReferenceSwap, SetLogps, heldout_metrics, reference_swap
 from mdpo_fast.layout_check import LayoutMismatchError, check_layout
 from mdpo_fast.modeling import (
     AnswerTokens,
@@ -34,7 +34,7 @@ from mdpo_fast.modeling import (
     unwrap,
 )
 from mdpo_fast.ops.fused_loss import fused_linear_mdpo_loss
-from mdpo_fast.ops.loss import IMAGELESS_METRICS, METRIC_NAMES, NUM_BRANCHES
+from mdpo_fast.ops.loss import NUM_BRANCHES, logged_metrics
 from mdpo_fast.packing import PackedCollator, packed_length, rows_too_long
 from mdpo_fast.records import DataError
 from mdpo_fast.sampler import LengthGroupedSampler
@@ -62,9 +62,7 @@ class MDPOTrainer(Trainer):
     def __init__(self, model, args, train_dataset, processing_class, reference_model=None, **kwargs):
         pad_id = processing_class.tokenizer.pad_token_id or 0
         config = unwrap(model).config
-        self.family = family_for(config)
-        if self.family.refusal:
-            raise ValueError(f"{config.model_type} models cannot train here: {self.family.refusal}")
+        self.family = trainable_family(config)
         refusal = packed_layout_refusal(config)
         if "data_collator" not in kwargs and args.packing and refusal:
             logger.warning("packing off, training in the padded layout: %s", refusal)
@@ -98,7 +96,7 @@ class MDPOTrainer(Trainer):
         self.reference_precomputed = False
         self.loss_is_scaled_for_ga = False  # the loss is a per-example mean: Trainer divides by accumulation steps
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
-        self.image_swaps: dict[int, tuple] = {}  # per held-out set: its swap dataset and the reference's metrics
+        self.image_swaps: dict[int, ReferenceSwap] = {}  # per held-out set (`heldout.reference_swap`)
 
     def collator(self, args, num_branches: int):
         """The batch layout `args` chooses (packed or padded rows) for the first `num_branches` branches."""
@@ -156,10 +154,10 @@ class MDPOTrainer(Trainer):
             return padded_answer_tokens(model, inputs)
         return packed_answer_tokens(model, inputs, image_features(model, inputs) if features is None else features)
 
-    def branch_logps(self, dataset, num_branches: int, policy: bool = True, reference: bool = True):
-        """`(indices [n], policy [n, 3], reference [n, 3])`: the summed answer log-probs of `dataset`'s examples (their
-        first `num_branches` branches, in this run's layout), gathered over processes. The policy's in eval mode
-        (zeros unless `policy`), the reference's from `dataset.ref_logps` when cached (zeros unless `reference`)."""
+    def branch_logps(self, dataset, num_branches: int, policy: bool = True, reference: bool = True) -> SetLogps:
+        """The summed answer log-probs of `dataset`'s examples (their first `num_branches` branches, in this run's
+        layout), gathered over processes. The policy's in eval mode (zeros unless `policy`); the reference's read
+        from the set's precomputed cache where it has one, else computed if `reference` (else zeros)."""
         loader = self.accelerator.prepare(torch.utils.data.DataLoader(
             dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.collator(self.args, num_branches),
             num_workers=self.args.dataloader_num_workers))
@@ -185,13 +183,13 @@ class MDPOTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """The objective's metrics on the held-out set and the image reliance of the policy and of the reference
-        (`evaluate.heldout_metrics`), logged and returned with `metric_key_prefix`, as Trainer's own evaluation
+        (`heldout.heldout_metrics`), logged and returned with `metric_key_prefix`, as Trainer's own evaluation
         does (so `eval_strategy`, `load_best_model_at_end` and `metric_for_best_model` work on them)."""
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if dataset is None:
             raise ValueError("no held-out set: pass --eval_dataset or --eval_split")
         self.check_layout()
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in heldout_metrics(self, dataset)[0].items()}
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in heldout_metrics(self, dataset).metrics.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -223,9 +221,9 @@ class MDPOTrainer(Trainer):
             held = self.eval_dataset
             sets.append((held, range(len(held)), args.per_device_eval_batch_size, " (held out)"))
 
-        def logps(batch):
+        def logps(batch) -> ref_cache.BatchLogps:
             batch = self._prepare_inputs(batch)
-            return batch["example_index"], self.reference_logps(batch)
+            return ref_cache.BatchLogps(batch["example_index"], self.reference_logps(batch))
 
         for dataset, order, batch_size, which in sets:
             def make_loader(positions, dataset=dataset, batch_size=batch_size):
@@ -242,7 +240,9 @@ class MDPOTrainer(Trainer):
         self.reference_precomputed = True
 
     def reference_logps(self, inputs, features=None) -> torch.Tensor:
-        """`[B, 3]` reference log-probs of a batch (used to precompute, and live for full fine-tuning)."""
+        """`[B, 3]` reference log-probs of a batch through the reference's own forward: to precompute, for a live full
+        fine-tuning reference, and for a held-out set without a cache (a LoRA run's live training reference comes
+        from the fused loss's `ref_hidden` instead)."""
         with reference_context(self.model, self.reference_model):
             target = self.reference_model or self.model
             return sequence_logps(target, self.answer_tokens(target, inputs, features))
@@ -264,7 +264,7 @@ class MDPOTrainer(Trainer):
         loss, metrics = fused_linear_mdpo_loss(
             tokens.hidden, weight, tokens.labels, tokens.segment_ids, ref_logps, ref_hidden=ref_hidden, bias=bias,
             num_examples=tokens.num_examples, beta=args.beta, anchor=args.anchor, weights=args.loss_weights,
-            softcap=logit_softcap(model), check_segment_range=False,  # the collators' ids, in range by construction
+            softcap=logit_softcap(model), check_ranges=False,  # the collators' ids and labels, in range by construction
         )
         # One host sync per step, so a NaN never reaches the weights; every process stops together.
         bad = (~torch.isfinite(loss.detach())).float()
@@ -278,9 +278,8 @@ class MDPOTrainer(Trainer):
                 f"{where} at step {self.state.global_step + 1} (examples {inputs['example_index'].tolist()}); "
                 f"stopped before the optimizer step. Last good checkpoint: {last or 'none saved yet'}"
             )
-        for name in METRIC_NAMES:  # the corrupted-image branch's only when it was built
-            if args.num_branches == NUM_BRANCHES or name not in IMAGELESS_METRICS:
-                self._metrics[name].append(metrics[name])
+        for name, value in logged_metrics(metrics, args.num_branches):
+            self._metrics[name].append(value)
         self.count_batch(inputs["stats"], live_reference="ref_logps" not in inputs)
         return (loss, metrics) if return_outputs else loss
 

@@ -9,6 +9,7 @@ runs the units; called without the layout (another layout, the vision tower) it 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -18,14 +19,23 @@ from transformers.masking_utils import sdpa_mask
 NAME = "mdpo_fast_unit_sdpa"
 
 
+class Span(NamedTuple):
+    """A unit's tokens: columns `start` to `end` of packed row `row`."""
+
+    row: int
+    start: int
+    end: int
+
+
 @dataclass
 class UnitLayout:
-    """`spans`: `(row, start, end)` of every unit, padding runs included, tiling each row in order. `masks`: per
-    placeholder (by identity), one `[1, 1, U, U]` bool mask per span, or None for plain causal attention."""
+    """`spans`: every unit's `Span`, padding runs included, tiling each row in order. `masks`: per placeholder (by
+    identity), one `[1, 1, U, U]` bool mask per span, or None for plain causal attention. `placeholders` holds the
+    placeholders themselves, so no id in `masks` is reused while the layout lives."""
 
     rows: int
     length: int
-    spans: list[tuple[int, int, int]]
+    spans: list[Span]
     masks: dict[int, list[torch.Tensor | None]] = field(default_factory=dict)
     placeholders: list[torch.Tensor] = field(default_factory=list)
 
@@ -37,15 +47,15 @@ class UnitLayout:
         return stand_in
 
 
-def unit_spans(units: list[list[int]]) -> list[tuple[int, int, int]]:
-    """`(row, start, end)` of each run of equal unit ids in `units` (rows of a packed batch's `unit_ids`), with the
+def unit_spans(units: list[list[int]]) -> list[Span]:
+    """The `Span` of each run of equal unit ids in `units` (rows of a packed batch's `unit_ids`), with the
     padding at a row's end (negative ids, one per token) as one run."""
     spans = []
     for r, ids in enumerate(units):
         start = 0
         for i in range(1, len(ids) + 1):
             if i == len(ids) or (ids[i] != ids[start] and not (ids[i] < 0 and ids[start] < 0)):
-                spans.append((r, start, i))
+                spans.append(Span(r, start, i))
                 start = i
     return spans
 
@@ -60,7 +70,7 @@ def unit_sdpa(module, query, key, value, attention_mask, unit_layout: UnitLayout
     masks = unit_layout.masks.get(id(attention_mask))
     if masks is None:
         raise RuntimeError("unit attention received a mask that is not its layout's placeholder")
-    sizes = [end - start for _, start, end in unit_layout.spans]
+    sizes = [span.end - span.start for span in unit_layout.spans]
 
     def units(x):  # [R, heads, L, d] -> one [1, heads, U, d] per unit; split's backward is one cat
         return x.transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3]).split(sizes, dim=2)

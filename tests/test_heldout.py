@@ -123,14 +123,16 @@ def test_before_training_the_policy_is_the_reference(tmp_path):
     policy, _ = prepare_model(model, args)
     metrics = {}
     for packing in (True, False):
-        trainer = MDPOTrainer(policy, _args(tmp_path / str(packing), packing=packing, eval_split=0.25), train,
-                              processor, eval_dataset=held)
+        views = train.subset(train.examples), held.subset(held.examples)  # each trainer caches into its own
+        trainer = MDPOTrainer(policy, _args(tmp_path / str(packing), packing=packing, eval_split=0.25), views[0],
+                              processor, eval_dataset=views[1])
         trainer.precompute_reference()
-        cached, computed = cached_reference(held), trainer.branch_logps(held, 1, policy=False)
-        order = [cached.indices.tolist().index(i) for i in computed.indices.tolist()]
-        torch.testing.assert_close(cached.reference[order, 0], computed.reference[:, 0])  # read, not recomputed
+        # the cache the image swap reads against a live pass over a view without one
+        cached, live = cached_reference(views[1]), trainer.branch_logps(held.subset(held.examples), 1, policy=False)
+        assert held.ref_logps is None and views[1].ref_logps is not None
+        order = [cached.indices.tolist().index(i) for i in live.indices.tolist()]
+        torch.testing.assert_close(cached.reference[order, 0], live.reference[:, 0])
         metrics[packing] = trainer.evaluate()
-        held.ref_logps = None
     got = metrics[True]
     assert got["eval_rewards/chosen"] == 0 and got["eval_rewards/margins"] == 0
     assert got["eval_image/swap_accuracy"] == got["eval_ref_image/swap_accuracy"]

@@ -5,7 +5,7 @@ import torch
 
 import mdpo_fast.ops.chunked as chunked
 from mdpo_fast import linear_token_logprobs, segment_logps, token_logprobs
-from mdpo_fast.ops.naive import linear_token_logprobs_naive, token_logprobs_naive
+from mdpo_fast.ops.naive import linear_token_logprobs_naive
 
 # Absolute slack on top of "no worse than 2x PyTorch's own error at this dtype", per dtype.
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -18,13 +18,14 @@ SHAPES = [
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
 
-def _inputs(n, h, v, dtype, seed=0, ignore_every=3):
-    g = torch.Generator().manual_seed(seed)
+def _inputs(n, h, v):
+    """fp64 inputs (the caller casts them), every third row without a label."""
+    g = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
     weight = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.5
     bias = torch.randn(v, generator=g, dtype=torch.float64)
     labels = torch.randint(0, v, (n,), generator=g)
-    labels[::ignore_every] = -100
+    labels[::3] = -100
     grad = torch.randn(n, generator=g, dtype=torch.float32)
     return hidden, weight, bias, labels, grad
 
@@ -53,7 +54,7 @@ def chunk_rows(request, monkeypatch):
 @pytest.mark.parametrize(("n", "h", "v"), SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_linear_matches_full_logits(n, h, v, dtype, with_bias, chunk_rows):
-    hidden, weight, bias, labels, grad = _inputs(n, h, v, dtype)
+    hidden, weight, bias, labels, grad = _inputs(n, h, v)
     tensors = [hidden, weight] + ([bias] if with_bias else [])
     what = ("d_hidden", "d_weight") + (("d_bias",) if with_bias else ())
 
@@ -76,7 +77,7 @@ def test_linear_matches_full_logits(n, h, v, dtype, with_bias, chunk_rows):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_softcapped_logits_match_the_models_formula(dtype, chunk_rows):
     """Gemma 2's `c * tanh(logits / c)` before the softmax: forward and gradients, against full logits."""
-    hidden, weight, bias, labels, grad = _inputs(37, 48, 1001, dtype)
+    hidden, weight, bias, labels, grad = _inputs(37, 48, 1001)
     hidden = 3 * hidden  # logits spread well past the cap
 
     def ours(h_, w_, lab):
@@ -94,7 +95,7 @@ def test_softcapped_logits_match_the_models_formula(dtype, chunk_rows):
 
 
 def test_all_ignored_and_empty(chunk_rows):
-    hidden, weight, _, labels, grad = _inputs(6, 8, 11, torch.float32)
+    hidden, weight, _, labels, grad = _inputs(6, 8, 11)
     h = hidden.float().requires_grad_(True)
     w = weight.float().requires_grad_(True)
     out = linear_token_logprobs(h, w, torch.full((6,), -100))
@@ -105,7 +106,7 @@ def test_all_ignored_and_empty(chunk_rows):
 
 
 def test_non_contiguous_inputs(chunk_rows):
-    hidden, weight, _, labels, grad = _inputs(37, 48, 1001, torch.float32)
+    hidden, weight, _, labels, grad = _inputs(37, 48, 1001)
     h_t = hidden.float().T.contiguous().T  # same values, transposed strides
     w_t = weight.float().T.contiguous().T
     assert not h_t.is_contiguous() and not w_t.is_contiguous()
@@ -117,7 +118,7 @@ def test_non_contiguous_inputs(chunk_rows):
 
 def test_weight_in_other_dtype_gets_fp32_gradient():
     # Mixed precision: fp32 master weight, bf16 activations; the gradient comes back in the weight's dtype.
-    hidden, weight, _, labels, grad = _inputs(9, 16, 50, torch.bfloat16)
+    hidden, weight, _, labels, grad = _inputs(9, 16, 50)
     w = weight.float().requires_grad_(True)
     linear_token_logprobs(hidden.bfloat16(), w, labels).backward(grad)
     assert w.grad.dtype == torch.float32
@@ -147,7 +148,6 @@ def test_token_logprobs_matches_log_softmax(dtype):
     onehot = torch.nn.functional.one_hot(labels.clamp(min=0), 1001).double()
     expected = (upstream.double() * (labels != -100))[:, None] * (onehot - soft)
     torch.testing.assert_close(logits.grad.double(), expected, rtol=0, atol=ATOL[dtype] * 2)
-    torch.testing.assert_close(out, token_logprobs_naive(logits.detach(), labels))
 
 
 def test_segment_logps_sums_per_segment():

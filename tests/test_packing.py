@@ -161,20 +161,23 @@ def _precomputed(policy, processor, dataset, output_dir, **layout) -> dict:
 
 def test_precompute_resumes_and_is_keyed_by_fingerprint(lora_setup, tmp_path, monkeypatch):
     policy, processor, dataset = lora_setup
-    _, _, _, trainer = _step(policy, processor, dataset.subset(dataset.examples), tmp_path, packing=True)
-    trainer.args.per_device_train_batch_size = 2
+    computed = []  # examples whose reference log-probs a pass computed (not read from the cache)
 
-    def precompute():
-        trainer.reference_precomputed = False  # once per trainer: this test runs it again on purpose
+    def precompute(output_dir, **overrides):
+        """A fresh trainer's precompute over a view of the set, as a rerun of the command does."""
+        args = parse_config([], {"output_dir": str(output_dir), "use_cpu": True, "report_to": "none", "lora_r": 4,
+                                 "lora_alpha": 8, "per_device_train_batch_size": 2, **overrides})
+        trainer = MDPOTrainer(policy, args, dataset.subset(dataset.examples), processor)
+        monkeypatch.setattr(trainer, "reference_logps", lambda batch, f=trainer.reference_logps: computed.append(
+            len(batch["example_index"])) or f(batch))
         trainer.precompute_reference()
         return trainer.train_dataset.ref_logps
 
-    full = precompute()
+    full = precompute(tmp_path)
     cache = next((tmp_path / "ref_logps").iterdir())
-    assert len(list(cache.glob("part-*.pt"))) == 3
+    assert len(list(cache.glob("part-*.pt"))) == 3 and sum(computed) == 6
 
     interrupted = tmp_path / "interrupted"
-    trainer.args.output_dir = str(interrupted)
     calls = []
     real_add = RefLogpStore.add
 
@@ -185,19 +188,19 @@ def test_precompute_resumes_and_is_keyed_by_fingerprint(lora_setup, tmp_path, mo
             raise KeyboardInterrupt  # killed after the first part
     monkeypatch.setattr(RefLogpStore, "add", add_then_die)
     with pytest.raises(KeyboardInterrupt):
-        precompute()
+        precompute(interrupted)
     monkeypatch.setattr(RefLogpStore, "add", real_add)
-    computed = []
-    monkeypatch.setattr(trainer, "reference_logps", lambda batch, f=trainer.reference_logps: computed.append(
-        len(batch["example_index"])) or f(batch))
-    resumed = precompute()
+    computed.clear()
+    resumed = precompute(interrupted)
     assert sum(computed) == 4  # only the four examples the first run did not finish
     for index, value in full.items():
         torch.testing.assert_close(resumed[index], value)
+    computed.clear()
+    precompute(interrupted)
+    assert computed == []  # all read back
 
-    trainer.args.corruption_seed += 1  # other corrupted images: other numbers, another cache
-    precompute()
-    assert len(list((interrupted / "ref_logps").iterdir())) == 2
+    precompute(interrupted, corruption_seed=1)  # other corrupted images: other numbers, another cache
+    assert len(list((interrupted / "ref_logps").iterdir())) == 2 and sum(computed) == 6
 
 
 @pytest.mark.slow

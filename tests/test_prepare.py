@@ -84,6 +84,8 @@ def test_training_reads_the_cached_examples_mapped_not_copied(tmp_path, tiny_pro
     path, not the examples."""
     import pickle
 
+    import pyarrow as pa
+
     from mdpo_fast import example_table
     from mdpo_fast.example_table import ExampleTable
 
@@ -95,7 +97,7 @@ def test_training_reads_the_cached_examples_mapped_not_copied(tmp_path, tiny_pro
     want, _, _ = build_examples(records, tiny_processor, max_length=128)
     dataset = prepare_dataset(args, tiny_processor)  # the first run already trains from the mapped file
     assert isinstance(dataset.examples, ExampleTable) and list(dataset.examples) == want
-    assert len(dataset.examples._batches) == 3
+    assert pa.ipc.open_file(str(dataset.examples.path)).num_record_batches == 3  # streamed, BATCH at a time
     assert dataset.examples[-1] == want[-1] and dataset.examples[2:4] == want[2:4]
     assert [dataset.row_of(ex.index) for ex in want] == list(range(len(want)))
     with pytest.raises(KeyError):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mdpo_fast.cli import parse_config
 from mdpo_fast.data import prepare_dataset
 from mdpo_fast.examples import build_examples
 from mdpo_fast.records import ArrowImage, DataError, load_image, load_records
@@ -146,8 +147,6 @@ def test_answers_truncated_to_fit(tmp_path, tiny_processor):
 
 
 def test_prepare_dataset_stops_or_skips(tmp_path, tiny_processor):
-    from types import SimpleNamespace
-
     good = str(_png(tmp_path / "a.png", size=(40, 40), noise=True))
     rows = [
         {"img_path": good, "prompt": "Q?", "chosen": "A.", "rejected": "B."},
@@ -155,10 +154,8 @@ def test_prepare_dataset_stops_or_skips(tmp_path, tiny_processor):
         {"img_path": good, "prompt": "Q?", "chosen": "A.", "rejected": ""},
     ]
     path = _jsonl(tmp_path / "d.jsonl", rows)
-    args = SimpleNamespace(
-        dataset=str(path), image_root=None, dataset_split="train", max_length=64, skip_bad_records=False,
-        corruption_seed=0, corruption_area=(0.01, 0.2), corruption_ratio=(0.75, 4 / 3),
-    )
+    args = parse_config([], {"output_dir": str(tmp_path / "out"), "dataset": str(path), "max_length": 64,
+                             "corruption_seed": 0, "dataset_num_proc": 1})
     with pytest.raises(DataError) as err:
         prepare_dataset(args, tiny_processor)
     assert len(err.value.problems) == 2

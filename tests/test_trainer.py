@@ -107,12 +107,13 @@ def test_lora_initialisation_follows_the_seed(tmp_path):
     from mdpo_fast.modeling import prepare_model
 
     weights = []
-    for before in (1, 2):
+    for before, seed in ((1, 3), (2, 3), (1, 4)):
         model, _ = build_tiny_model()
         torch.manual_seed(before)  # whatever consumed random numbers before (loading from disk does not seed)
-        policy, _ = prepare_model(model, _config(tmp_path, seed=3))
+        policy, _ = prepare_model(model, _config(tmp_path, seed=seed))
         weights.append({n: p.detach().clone() for n, p in policy.named_parameters() if "lora_A" in n})
-    assert weights[0] and all(torch.equal(w, weights[1][n]) for n, w in weights[0].items())
+    assert weights[0] and all(torch.equal(w, weights[1][n]) for n, w in weights[0].items())  # the seed decides
+    assert not any(torch.equal(w, weights[2][n]) for n, w in weights[0].items())  # another seed, other weights
 
 
 @pytest.mark.slow

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from mdpo_fast.families.mrope import RopePositions
+
 _REGISTRY: dict[str, Family] = {}
 
 
@@ -65,9 +67,8 @@ class Family:
         """The processor's inputs for the whole sequence prompt + answer, as a user of the model would build them."""
         return processor(text=[prompt_text + answer_text], images=[image], return_tensors="pt")
 
-    def rope_positions(self, prompt_ids, image_inputs: dict, config) -> tuple[torch.Tensor, int] | None:
-        """Multi-axis (M-RoPE) positions of one prompt: `([axes, len(prompt_ids)], next position)`, answers
-        continuing at `next + j` on every axis. None for 1-D positions."""
+    def rope_positions(self, prompt_ids, image_inputs: dict, config) -> RopePositions | None:
+        """Multi-axis (M-RoPE) positions of one prompt (`families.mrope.RopePositions`); None for 1-D positions."""
         return None
 
     def tiny_processor(self):
@@ -102,6 +103,14 @@ def family_for(config) -> Family:
 
 
 _GENERIC = Family()
+
+
+def trainable_family(config) -> Family:
+    """`family_for(config)`, or a ValueError saying why this model cannot train here (its family's `refusal`)."""
+    family = family_for(config)
+    if family.refusal:
+        raise ValueError(f"{config.model_type} models cannot train here: {family.refusal}")
+    return family
 
 
 def packed_layout_refusal(config) -> str | None:

@@ -8,12 +8,21 @@ text after it resumes at `s + max(h, w)`. Packing needs this per unit, since a r
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
-def mrope_positions(ids, image_token_id: int, grids, merge_size: int) -> tuple[torch.Tensor, int]:
-    """`([3, len(ids)] positions, next position)` of one prompt. `grids`: `image_grid_thw` rows of its images,
-    in order; answers that follow the prompt take `next + j` on all three axes."""
+class RopePositions(NamedTuple):
+    """Multi-axis positions of one prompt: `positions [axes, len(prompt)]`, and `next`, where the answers that
+    follow it continue (`next + j` on every axis)."""
+
+    positions: torch.Tensor
+    next: int
+
+
+def mrope_positions(ids, image_token_id: int, grids, merge_size: int) -> RopePositions:
+    """The `RopePositions` of one prompt (3 axes). `grids`: `image_grid_thw` rows of its images, in order."""
     is_image = torch.as_tensor(ids) == image_token_id
     edges = (torch.nonzero(is_image[1:] != is_image[:-1]).flatten() + 1).tolist()
     bounds = [0, *edges, len(ids)]
@@ -37,4 +46,4 @@ def mrope_positions(ids, image_token_id: int, grids, merge_size: int) -> tuple[t
             lo += t * h * w
     if next(grids, None) is not None:
         raise ValueError("more image_grid_thw rows than images in the prompt")
-    return torch.cat(parts, dim=1), start
+    return RopePositions(torch.cat(parts, dim=1), start)

@@ -2,7 +2,7 @@
 
 Each backend offers the same two launchers for log-probs from hidden states, so the autograd
 Functions above them exist once:
-    fwd(hidden, weight, labels, bias, *, rows) -> (logps [N] fp32, lse [N] fp32)
+    fwd(hidden, weight, labels, bias, *, rows, softcap) -> rows.RowLogprobs (logps [N] fp32, lse [N] fp32)
     bwd(grad_logps, hidden, weight, labels, lse, bias, *, rows, need_hidden, need_weight, need_bias, softcap,
         deterministic) -> grads
 """

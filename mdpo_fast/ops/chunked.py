@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from mdpo_fast.ops.rows import RowLogprobs
+
 # Bytes of fp32 logits per chunk: small next to the weight, large enough that a chunk's matmul is efficient.
 CHUNK_BYTES = 64 << 20
 WEIGHT_SLICE = 16384  # vocab rows of the weight gradient computed at a time
 
 
-def chunk_rows(vocab_size: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    return max(1, chunk_bytes // (4 * vocab_size))
+def chunk_rows(vocab_size: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
 
 
 def _chunk_logits(hidden, weight, bias, softcap):
@@ -29,9 +31,9 @@ def _cast(hidden, weight, bias):
     return weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype)
 
 
-def chunked_logprobs_fwd(hidden, weight, labels, bias, *, rows, softcap=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(logps, lse)`, both `[N]` fp32 and 0 outside `rows` (the `[M]` indices of rows with a label); `softcap`:
-    logits become `softcap * tanh(logits / softcap)` first, or None."""
+def chunked_logprobs_fwd(hidden, weight, labels, bias, *, rows, softcap=None) -> RowLogprobs:
+    """`RowLogprobs` of the `rows` (the `[M]` indices of rows with a label); `softcap`: logits become
+    `softcap * tanh(logits / softcap)` first, or None."""
     w, b = _cast(hidden, weight, bias)
     logps = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
     lse = torch.zeros_like(logps)
@@ -43,7 +45,7 @@ def chunked_logprobs_fwd(hidden, weight, labels, bias, *, rows, softcap=None) ->
         lse[idx] = chunk_lse
         logps[idx] = logits.gather(1, labels[idx, None]).squeeze(1) - chunk_lse
         del logits
-    return logps, lse
+    return RowLogprobs(logps, lse)
 
 
 def chunked_logprobs_bwd(grad_logps, hidden, weight, labels, lse, bias, *, rows, need_hidden, need_weight, need_bias,

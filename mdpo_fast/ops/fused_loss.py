@@ -105,7 +105,7 @@ def fused_linear_mdpo_loss(
     bias: torch.Tensor | None = None,
     num_examples: int | None = None,
     softcap: float | None = None,
-    check_segment_range: bool = True,
+    check_ranges: bool = True,
     deterministic: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mDPO loss (docs/DESIGN.md, "The objective, exactly") straight from hidden states, for all three branches
@@ -122,8 +122,9 @@ def fused_linear_mdpo_loss(
             head (LoRA with adapters disabled): its log-probs come from the same launch, without gradient.
         num_examples: B when neither `ref_logps` gives it nor it should be read off `segment_ids`.
         softcap: the model's final logit soft-capping (`softcap * tanh(logits / softcap)`, Gemma 2), or None.
-        check_segment_range: read `segment_ids`' range on the host to refuse out-of-range ids (a device sync on
-            GPU); a caller whose ids are right by construction and that gives `num_examples` may skip it.
+        check_ranges: read the ranges of `labels` and `segment_ids` on the host to refuse out-of-range values
+            (device syncs on GPU); a caller whose ids are right by construction and that gives `num_examples` may
+            skip it. Shapes, dtypes and devices are checked either way.
         deterministic: a backward bitwise equal from run to run (`linear_token_logprobs`); None follows
             `torch.are_deterministic_algorithms_enabled()`.
 
@@ -137,7 +138,7 @@ def fused_linear_mdpo_loss(
         >>> loss, metrics = fused_linear_mdpo_loss(h, w, labels, seg, torch.zeros(2, 3))
         >>> loss.backward()
     """
-    check_linear_inputs(hidden, weight, labels, ignore_index, bias, softcap)
+    check_linear_inputs(hidden, weight, labels, ignore_index, bias, softcap, check_ranges)
     w_all = check_loss_options(beta, weights)
     if ref_logps is None and ref_hidden is None:
         raise ValueError("give ref_logps ([B, 3]) or ref_hidden ([N, H])")
@@ -152,7 +153,7 @@ def fused_linear_mdpo_loss(
         if ref_logps.shape[0] != num_examples:
             raise ValueError(f"ref_logps has {ref_logps.shape[0]} rows but num_examples is {num_examples}")
         ref_logps = ref_logps.detach().float()
-    num_examples = _check_segments(segment_ids, hidden.shape[0], num_examples, check_segment_range)
+    num_examples = _check_segments(segment_ids, hidden.shape[0], num_examples, check_ranges)
     opts = MDPOLossOptions(linear_ops(hidden.device), num_examples, beta, anchor, w_all, ignore_index, softcap,
                            deterministic)
     return FusedLinearMDPOLoss.apply(hidden, weight, bias, labels, segment_ids, ref_logps, ref_hidden, opts)

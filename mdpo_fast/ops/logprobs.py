@@ -48,11 +48,13 @@ class LinearLogprobs(torch.autograd.Function):
         return *grads, None, None
 
 
-def _check_labels(labels, n: int, vocab_size: int, ignore_index: int) -> None:
+def _check_labels(labels, n: int, vocab_size: int, ignore_index: int, check_range: bool = True) -> None:
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
         raise ValueError(f"labels must be a 1-D integer tensor, got {_describe(labels)}")
     if labels.shape[0] != n:
         raise ValueError(f"labels has {labels.shape[0]} entries but the inputs have {n} rows")
+    if not check_range:
+        return
     valid = labels[labels != ignore_index]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab_size):
         raise ValueError(
@@ -61,8 +63,10 @@ def _check_labels(labels, n: int, vocab_size: int, ignore_index: int) -> None:
         )
 
 
-def check_linear_inputs(hidden, weight, labels, ignore_index: int, bias=None, softcap=None) -> None:
-    """ValueError naming the argument, for anything `linear_token_logprobs` cannot take."""
+def check_linear_inputs(hidden, weight, labels, ignore_index: int, bias=None, softcap=None,
+                        check_range: bool = True) -> None:
+    """ValueError naming the argument, for anything `linear_token_logprobs` cannot take; the labels' range (read on
+    the host: device syncs) unless `check_range` is false."""
     if softcap is not None and not (isinstance(softcap, int | float) and softcap > 0):
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     _check_matrix("hidden", hidden)
@@ -71,7 +75,7 @@ def check_linear_inputs(hidden, weight, labels, ignore_index: int, bias=None, so
         raise ValueError(f"weight must be [V, {hidden.shape[1]}] to match hidden, got {tuple(weight.shape)}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
         raise ValueError(f"bias must be a [{weight.shape[0]}] tensor, got {_describe(bias)}")
-    _check_labels(labels, hidden.shape[0], weight.shape[0], ignore_index)
+    _check_labels(labels, hidden.shape[0], weight.shape[0], ignore_index, check_range)
     for name, x in (("weight", weight), ("labels", labels), ("bias", bias)):
         if x is not None and x.device != hidden.device:
             raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")

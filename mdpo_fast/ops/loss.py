@@ -30,7 +30,14 @@ METRIC_NAMES = (
 IMAGELESS_METRICS = tuple(name for name in METRIC_NAMES if "imageless" in name)
 
 
-def num_branches(weights: Sequence[float], imageless_metrics: bool = False) -> int:
+def logged_metrics(metrics: dict, num_branches: int) -> list[tuple[str, object]]:
+    """`(name, value)` of the metrics a run with `num_branches` branches reports: the imageless ones only where the
+    corrupted-image branch was built (never made-up zeros)."""
+    return [(name, metrics[name]) for name in METRIC_NAMES
+            if num_branches == NUM_BRANCHES or name not in IMAGELESS_METRICS]
+
+
+def num_branches(weights: Sequence[float], imageless_metrics: bool) -> int:
     """How many branches, in order, a run builds: the corrupted-image branch (the last) only when the conditional
     term has a weight or its metrics are asked for; plain DPO builds chosen and rejected alone."""
     return NUM_BRANCHES if weights[1] > 0 or imageless_metrics else NUM_BRANCHES - 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import triton
@@ -122,14 +123,19 @@ def min_programs(cfg: LinearLogprobsConfig, device: torch.device) -> int:
     return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def vocab_splits(n_row_blocks: int, n_vocab_blocks: int, target_programs: int) -> tuple[int, int]:
-    """`(splits, vocab blocks per split)` so that `n_row_blocks * splits >= target_programs` where the vocab allows.
+class VocabSplits(NamedTuple):
+    splits: int  # programs per row block, each over its own slice of the vocab
+    per_split: int  # vocab blocks per slice
+
+
+def vocab_splits(n_row_blocks: int, n_vocab_blocks: int, target_programs: int) -> VocabSplits:
+    """`VocabSplits` such that `n_row_blocks * splits >= target_programs` where the vocab allows.
 
     Few answer tokens give few row blocks; splitting the vocab keeps every SM busy. Every split is non-empty.
     """
     splits = min(n_vocab_blocks, max(1, triton.cdiv(target_programs, n_row_blocks)))
     per_split = triton.cdiv(n_vocab_blocks, splits)
-    return triton.cdiv(n_vocab_blocks, per_split), per_split
+    return VocabSplits(triton.cdiv(n_vocab_blocks, per_split), per_split)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -23,7 +23,7 @@ from mdpo_fast.ops.kernels.config import (
     min_programs,
     vocab_splits,
 )
-from mdpo_fast.ops.rows import valid_rows
+from mdpo_fast.ops.rows import RowLogprobs, valid_rows
 
 
 def _emulate_bf16(args) -> bool:
@@ -363,7 +363,7 @@ def linear_logprobs_fwd(
     rows: torch.Tensor | None = None,
     config: LinearLogprobsConfig | None = None,
     softcap: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> RowLogprobs:
     """Log-probs and log-sum-exps of `labels` under `hidden @ weight.T (+ bias)`.
 
     Args:
@@ -373,7 +373,7 @@ def linear_logprobs_fwd(
         softcap: logits become `softcap * tanh(logits / softcap)` first (Gemma 2), or None.
 
     Returns:
-        `(logps, lse)`, both `[N]` fp32 and 0 on ignored rows.
+        `RowLogprobs`, both `[N]` fp32 and 0 on ignored rows.
     """
     hidden, weight, bias = _prepare(hidden, weight, bias)
     labels = labels.contiguous()
@@ -385,7 +385,7 @@ def linear_logprobs_fwd(
     logps = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     if m == 0:
-        return logps, lse
+        return RowLogprobs(logps, lse)
     cfg = config or linear_fwd_config(hidden.device, hidden.dtype, h, v)
     n_row_blocks = triton.cdiv(m, cfg.block_n)
     splits, per_split = vocab_splits(n_row_blocks, triton.cdiv(v, cfg.block_v), min_programs(cfg, hidden.device))
@@ -400,7 +400,7 @@ def linear_logprobs_fwd(
     row_lse = lse_part[0] if splits == 1 else torch.logsumexp(lse_part, dim=0)
     lse[rows] = row_lse
     logps[rows] = label_part.sum(0) - row_lse
-    return logps, lse
+    return RowLogprobs(logps, lse)
 
 
 def linear_logprobs_bwd(
