@@ -248,6 +248,17 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def tokens_outside(self, vocab_size: int) -> list[str]:
+        """One line per example holding a token id the model has no embedding or logit for. Only a tokenizer
+        larger than the model's vocabulary can make one, so the examples are read only then."""
+        if len(self.processor.tokenizer) <= vocab_size:
+            return []
+        return [f"example {ex.index}: token id {top} is outside the model's vocabulary of {vocab_size} (its "
+                f"processor's tokenizer has {len(self.processor.tokenizer)} tokens): use the model's own processor, "
+                f"or resize its token embeddings to the tokenizer" for ex in self.examples
+                if (top := max(max(ids, default=0) for ids in (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids)))
+                >= vocab_size]
+
     def subset(self, examples) -> PreferenceDataset:
         """The same processing (family, corruption, branches) over other examples (`heldout.ExampleRows`)."""
         return PreferenceDataset(examples, self.processor, self.family, seed=self.seed, area=self.area,

@@ -181,7 +181,8 @@ def padded_answer_tokens(model: nn.Module, batch: dict) -> AnswerTokens:
 def sequence_logps(model: nn.Module, tokens: AnswerTokens) -> torch.Tensor:
     """`[B, 3]` summed answer log-probs of a batch's `AnswerTokens`, through the model's LM head."""
     weight, bias = lm_head(model)
-    token_logps = linear_token_logprobs(tokens.hidden, weight, tokens.labels, bias=bias, softcap=logit_softcap(model))
+    token_logps = linear_token_logprobs(tokens.hidden, weight, tokens.labels, bias=bias, softcap=logit_softcap(model),
+                                        check_ranges=False)  # the collators' labels: token ids by construction
     return segment_logps(token_logps, tokens.segment_ids, tokens.num_examples)
 
 

@@ -76,6 +76,15 @@ class MDPOTrainer(Trainer):
             for m in (model, reference_model):
                 if m is not None:
                     self.packed_attention = choose_packed_attention(m, args.packed_attention, args.device)
+        # Refused before the model moves to the device: a token the model cannot embed or score (on a GPU, a
+        # device-side assert or a wrong log-prob), and with packing an example that cannot fit one row.
+        sets = [data for data in (train_dataset, kwargs.get("eval_dataset")) if data is not None]
+        problems = [problem for data in sets for problem in data.tokens_outside(config.get_text_config().vocab_size)]
+        if args.packing:
+            problems += [problem for data in sets for problem in rows_too_long(
+                data.examples, args.max_tokens_per_batch, args.prefix_sharing, args.num_branches)]
+        if problems:
+            raise DataError(problems)
         kwargs.setdefault("data_collator", self.collator(args, args.num_branches))
         super().__init__(
             model=model, args=args, train_dataset=train_dataset, processing_class=processing_class, **kwargs
@@ -83,12 +92,6 @@ class MDPOTrainer(Trainer):
         if args.packing and self.is_fsdp_enabled:
             raise ValueError("packing runs the vision tower outside the model's forward (once per image), where FSDP "
                              "keeps them sharded: use --packing false with FSDP (or DDP / DeepSpeed with packing)")
-        if args.packing:  # an example that cannot fit one row is refused before training, not at step N
-            problems = [problem for data in (train_dataset, self.eval_dataset) if data is not None
-                        for problem in rows_too_long(data.examples, args.max_tokens_per_batch, args.prefix_sharing,
-                                                     args.num_branches)]
-            if problems:
-                raise DataError(problems)
         self.reference_model = reference_model
         if reference_model is not None:
             reference_model.to(self.args.device)

@@ -123,6 +123,32 @@ def test_invalid_utf8_is_one_named_line_and_skippable(tmp_path, tiny_dir, demo_d
     assert dataset.num_skipped == 1 and len(dataset) == 7
 
 
+def test_a_token_the_model_cannot_embed_is_refused_before_the_first_step(tmp_path, demo_dir, capsys):
+    """A processor whose tokenizer outgrew the model (added tokens, embeddings not resized): every example holding
+    such a token is named, before any step (on a GPU it would be a device-side assert, or a wrong log-prob)."""
+    from transformers import AutoProcessor
+
+    from mdpo_fast.tiny import write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / "model")
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.add_tokens(["<unseen>"])
+    processor.save_pretrained(model_dir)
+    lines = _demo_lines(demo_dir)
+    for k in (2, 5):
+        record = json.loads(lines[k])
+        record["chosen"] += " <unseen>"
+        lines[k] = json.dumps(record).encode()
+    data = _jsonl(tmp_path, demo_dir, lines)
+    code, err = _train(capsys, model_dir, "--dataset", str(data), "--image_root", str(demo_dir),
+                       "--output_dir", str(tmp_path / "o"), "--max_steps", "1")
+    errors = _errors(err)
+    assert code == 2 and len(errors) == 2, err[-2000:]
+    for k, line in zip((2, 5), errors, strict=True):
+        assert line.startswith(f"mdpo-fast: error: example {k}: token id ") and "outside the model's vocabulary" in line
+    assert not (tmp_path / "o" / "checkpoint-1").exists()
+
+
 def test_an_image_path_out_of_the_image_root_is_a_bad_record(tmp_path, tiny_dir, demo_dir, capsys, no_model_load):
     root = tmp_path / "root"
     shutil.copytree(demo_dir / "images", root / "images")

@@ -121,6 +121,7 @@ def linear_token_logprobs(
     bias: torch.Tensor | None = None,
     softcap: float | None = None,
     deterministic: bool | None = None,
+    check_ranges: bool = True,
 ) -> torch.Tensor:
     """Per-token log-probs of `labels` under `hidden @ weight.T (+ bias)`, never holding `[N, V]` logits.
 
@@ -135,6 +136,8 @@ def linear_token_logprobs(
         deterministic: a backward whose results are bitwise equal from run to run (the Triton kernels then use no
             float atomics, at the cost of recomputing the logits once more); None follows
             `torch.are_deterministic_algorithms_enabled()`. The PyTorch path is deterministic either way.
+        check_ranges: read the labels' range on the host to refuse ids outside the vocabulary (device syncs on
+            GPU); a caller whose labels are right by construction may skip it.
 
     Returns:
         `[N]` float32 log-probs, 0 where ignored; differentiable in `hidden`, `weight` and `bias`.
@@ -144,7 +147,7 @@ def linear_token_logprobs(
         >>> linear_token_logprobs(h, w, torch.tensor([1, 2, -100, 4, 0])).shape
         torch.Size([5])
     """
-    check_linear_inputs(hidden, weight, labels, ignore_index, bias, softcap)
+    check_linear_inputs(hidden, weight, labels, ignore_index, bias, softcap, check_ranges)
     opts = LogprobOptions(linear_ops(hidden.device), ignore_index, softcap, deterministic)
     return LinearLogprobs.apply(hidden, weight, bias, labels, opts)
 
