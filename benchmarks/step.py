@@ -160,6 +160,7 @@ def run_provider(provider: str, steps: int, warmup: int, batch_size: int, n: int
     policy, reference = prepare_model(model, args)
     cls = PublishedStepTrainer if provider in ("published", "trl_dpo") else MDPOTrainer
     trainer = cls(policy, args, dataset, processor, reference_model=reference)
+    del reference  # the trainer's alone: precomputing frees it, as a run does
     precompute_s = 0.0
     start = time.perf_counter()
     if cls is MDPOTrainer:  # once per run (before the precompute, else at the first step): timed apart

@@ -125,6 +125,7 @@ def run_training(args, model=None, processor=None, records=None, source=None):
         model=model, args=args, train_dataset=dataset, processing_class=processor, reference_model=reference,
         eval_dataset=eval_dataset,
     )
+    del reference  # the trainer's alone, so precomputing the reference frees a full fine-tuning copy
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.save_state()

@@ -154,7 +154,7 @@ class MDPOConfig(TrainingArguments):
                              "false with flash_attention_2, or --attn_implementation flex_attention")
         if self.packed_attention not in ("auto", "units", "dense"):
             raise ValueError(f"packed_attention must be auto, units or dense, got {self.packed_attention!r}")
-        if self.packed_attention == "units" and self.attn_implementation != "sdpa":
+        if self.packing and self.packed_attention == "units" and self.attn_implementation != "sdpa":
             raise ValueError("--packed_attention units runs SDPA unit by unit: it needs --attn_implementation sdpa")
         if self.max_tokens_per_batch < 2:
             raise ValueError(f"max_tokens_per_batch must be at least 2, got {self.max_tokens_per_batch}")

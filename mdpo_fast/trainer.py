@@ -97,6 +97,7 @@ class MDPOTrainer(Trainer):
             reference_model.to(self.args.device)
         self.layout_checked = False
         self.reference_precomputed = False
+        self.reference_released = False  # a full fine-tuning copy let go after precomputing
         self.loss_is_scaled_for_ga = False  # the loss is a per-example mean: Trainer divides by accumulation steps
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.image_swaps: dict[int, ReferenceSwap] = {}  # per held-out set (`heldout.reference_swap`)
@@ -191,6 +192,9 @@ class MDPOTrainer(Trainer):
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if dataset is None:
             raise ValueError("no held-out set: pass --eval_dataset or --eval_split")
+        problems = dataset.tokens_outside(self.model_config.get_text_config().vocab_size)  # a set not seen at init
+        if problems:
+            raise DataError(problems)
         self.check_layout()
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in heldout_metrics(self, dataset).metrics.items()}
         self.log(metrics)
@@ -239,13 +243,18 @@ class MDPOTrainer(Trainer):
                                                      "reference log-probs" + which)
         if self.eval_dataset is not None:
             reference_swap(self, self.eval_dataset)  # while a full fine-tuning run still holds its reference
-        self.reference_model = None  # no longer needed: frees the full fine-tuning copy
+        self.reference_released = self.reference_model is not None
+        self.reference_model = None  # no longer needed: frees the full fine-tuning copy (the caller keeps none)
         self.reference_precomputed = True
 
     def reference_logps(self, inputs, features=None) -> torch.Tensor:
         """`[B, 3]` reference log-probs of a batch through the reference's own forward: to precompute, for a live full
         fine-tuning reference, and for a held-out set without a cache (a LoRA run's live training reference comes
         from the fused loss's `ref_hidden` instead)."""
+        if self.reference_released:
+            raise ValueError("this full fine-tuning run let its reference copy go once the reference log-probs of its "
+                             "training and held-out sets were precomputed: give a set to evaluate as eval_dataset "
+                             "when the trainer is built, or --precompute_ref_logps false")
         with reference_context(self.model, self.reference_model):
             target = self.reference_model or self.model
             return sequence_logps(target, self.answer_tokens(target, inputs, features))

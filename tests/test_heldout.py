@@ -184,3 +184,20 @@ def test_full_fine_tuning_evaluates_after_its_reference_copy_is_freed(tmp_path):
     assert trainer.reference_model is None
     last = [e for e in trainer.state.log_history if "eval_loss" in e][-1]
     assert 0 <= last["eval_ref_image/swap_accuracy"] <= 1 and "eval_image/swap_margin" in last
+
+
+def test_a_set_given_to_evaluate_is_checked_like_those_given_at_init(tmp_path):
+    from mdpo_fast.records import DataError
+
+    model, processor = build_tiny_model()
+    args = _args(tmp_path, precompute_ref_logps=False)
+    train = prepare_dataset(args, processor, records=demo_records(n=8), source="demo")
+    trainer = MDPOTrainer(prepare_model(model, args).policy, args, train, processor)
+    processor.tokenizer.add_tokens(["<unseen>"])  # the tokenizer outgrows the model after the trainer is built
+    records = demo_records(n=4, seed=1)
+    records[1] = dataclasses.replace(records[1], chosen=records[1].chosen + " <unseen>")
+    other = prepare_dataset(args, processor, records=records, source="other")
+    with pytest.raises(DataError) as refused:
+        trainer.evaluate(other)
+    (line,) = refused.value.problems
+    assert line.startswith("example 1: token id ") and "outside the model's vocabulary" in line

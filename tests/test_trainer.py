@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from mdpo_fast.cli import parse_config, run_training
 from mdpo_fast.collate import PaddedCollator
@@ -14,6 +15,7 @@ from mdpo_fast.demo_data import demo_records
 from mdpo_fast.families import family_for
 from mdpo_fast.modeling import padded_answer_tokens, sequence_logps
 from mdpo_fast.tiny import build_tiny_model
+from mdpo_fast.trainer import MDPOTrainer
 
 FAST = {"lora_r": 8, "lora_alpha": 16, "max_length": 128, "report_to": "none", "disable_tqdm": True}
 
@@ -118,16 +120,34 @@ def test_lora_initialisation_follows_the_seed(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precompute", [False, True], ids=["live-reference", "precomputed"])
-def test_full_finetuning_keeps_a_frozen_reference(tmp_path, precompute):
+def test_full_finetuning_keeps_a_frozen_reference(tmp_path, precompute, monkeypatch):
+    import gc
+    import weakref
+
     model, processor = build_tiny_model()
     before = model.lm_head.weight.detach().clone()
     vision_before = next(model.model.vision_tower.parameters()).detach().clone()
     args = _config(tmp_path, use_lora=False, max_steps=3, learning_rate=1e-3, per_device_train_batch_size=4,
                    save_strategy="no", logging_steps=1, precompute_ref_logps=precompute)
+    copies, alive = [], []  # the reference copy, and at each step whether it is still in memory
+    real = MDPOTrainer.precompute_reference
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            gc.collect()
+            alive.append(copies[0]() is not None)
+
+    def watched(self):
+        copies.append(weakref.ref(self.reference_model))
+        real(self)
+        self.add_callback(Probe())
+    monkeypatch.setattr(MDPOTrainer, "precompute_reference", watched)
     trainer = run_training(args, model, processor, demo_records(n=12), source="demo")
     assert not torch.equal(trainer.model.lm_head.weight, before)  # the policy trained
     if precompute:
-        assert trainer.reference_model is None  # the copy is freed once its log-probs are cached
+        assert alive == [False] * 3  # freed while training, once its log-probs are cached
+        with pytest.raises(ValueError, match="let its reference copy go"):  # not silently the policy instead
+            trainer.reference_logps(next(iter(trainer.get_train_dataloader())))
     else:
         torch.testing.assert_close(trainer.reference_model.lm_head.weight, before)  # the reference did not train
     torch.testing.assert_close(next(trainer.model.model.vision_tower.parameters()), vision_before)
