@@ -192,9 +192,10 @@ class MDPOTrainer(Trainer):
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if dataset is None:
             raise ValueError("no held-out set: pass --eval_dataset or --eval_split")
-        problems = dataset.tokens_outside(self.model_config.get_text_config().vocab_size)  # a set not seen at init
-        if problems:
-            raise DataError(problems)
+        if dataset is not self.eval_dataset:  # a set not checked when the trainer was built
+            problems = dataset.tokens_outside(self.model_config.get_text_config().vocab_size)
+            if problems:
+                raise DataError(problems)
         self.check_layout()
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in heldout_metrics(self, dataset).metrics.items()}
         self.log(metrics)
